@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine with Python 3.11+ and git:
+#   make repro   set up the locked environment, then `dvc repro` the default params.yaml
+#   make test    set up the locked environment, then run the test suite (what CI runs)
+# GPU machines: `make repro EXTRAS=cuda` installs the CUDA 12 build of jaxlib from the same lock.
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := .tools/bin/uv
+EXTRAS ?=
+SYNC_FLAGS := --frozen --python $(PYTHON) $(if $(EXTRAS),--extra $(EXTRAS),)
+
+export MUJOCO_GL ?= egl
+export UV_PROJECT_ENVIRONMENT := .venv
+
+.PHONY: setup repro test test-all bench
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+setup: $(UV)
+	$(UV) sync $(SYNC_FLAGS)
+
+repro: setup
+	$(UV) run --frozen --no-sync dvc repro
+
+test: setup
+	$(UV) run --frozen --no-sync pytest
+
+test-all: setup
+	$(UV) run --frozen --no-sync pytest -m ''
