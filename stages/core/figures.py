@@ -1,0 +1,181 @@
+"""Matplotlib figures for the report, drawn from tidy pandas tables and saved as byte-stable PNGs.
+
+Every function takes plain data and returns a ``matplotlib.figure.Figure``; ``save_png`` writes it atomically with
+no timestamp in the PNG metadata, so the same data gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+AGENT_COLORS = {"rql": "#1f77b4", "fql": "#ff7f0e", "bc_flow": "#2ca02c"}
+FALLBACK_COLORS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def color_for(name: str, order: list[str]) -> str:
+    """A stable colour per agent/variant name."""
+    if name in AGENT_COLORS:
+        return AGENT_COLORS[name]
+    others = [n for n in order if n not in AGENT_COLORS]
+    return FALLBACK_COLORS[others.index(name) % len(FALLBACK_COLORS)] if name in others else "#333333"
+
+
+def save_png(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` to ``path`` atomically (temp + rename) with byte-stable metadata, then close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        figure.savefig(temp, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        plt.close(figure)
+    return path
+
+
+def _grid(n: int, width: float = 4.6, height: float = 3.2) -> tuple[Figure, np.ndarray]:
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    figure, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for axis in axes.flat[n:]:
+        axis.set_visible(False)
+    return figure, axes
+
+
+def _short(task: str) -> str:
+    return task.replace("-singletask", "").removesuffix("-v0")
+
+
+def mean_band(values: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Mean of ``y`` per ``x`` over seeds, with a normal 95% band (zero width for a single seed)."""
+    grouped = values.groupby(x)[y]
+    stats = grouped.agg(["mean", "std", "count"]).reset_index()
+    half = 1.96 * stats["std"].fillna(0.0) / np.sqrt(stats["count"].clip(lower=1))
+    stats["low"], stats["high"] = stats["mean"] - half, stats["mean"] + half
+    return stats
+
+
+def learning_curves(curves: pd.DataFrame, y: str = "success", ylabel: str = "success rate (%)") -> Figure:
+    """One panel per task: ``y`` against training step for every agent (mean over seeds, 95% band).
+
+    ``curves`` columns: agent, task, seed, step, and ``y``.
+    """
+    tasks = sorted(curves["task"].unique())
+    agents = sorted(curves["agent"].unique())
+    figure, axes = _grid(len(tasks))
+    for axis, task in zip(axes.flat, tasks):
+        for agent in agents:
+            rows = curves[(curves["task"] == task) & (curves["agent"] == agent)]
+            if rows.empty:
+                continue
+            stats = mean_band(rows, "step", y)
+            color = color_for(agent, agents)
+            axis.plot(stats["step"], stats["mean"], marker="o", ms=3, color=color, label=agent)
+            axis.fill_between(stats["step"], stats["low"], stats["high"], color=color, alpha=0.2, lw=0)
+        axis.set_title(_short(task), fontsize=10)
+        axis.set_xlabel("training step")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def agent_comparison(final: pd.DataFrame, paper: dict[tuple[str, str], float]) -> Figure:
+    """Final success per task and agent (mean over seeds with 95% error bars), the paper's figure as a marker.
+
+    ``final`` columns: agent, task, seed, success (%); ``paper`` maps (agent, task) to a published success (%).
+    """
+    tasks = sorted(final["task"].unique())
+    agents = sorted(final["agent"].unique())
+    figure, axis = plt.subplots(figsize=(max(4.5, 1.6 * len(tasks) * max(1, len(agents)) / 2), 3.6))
+    width = 0.8 / max(1, len(agents))
+    for a, agent in enumerate(agents):
+        for t, task in enumerate(tasks):
+            rows = final[(final["task"] == task) & (final["agent"] == agent)]
+            if rows.empty:
+                continue
+            stats = mean_band(rows.assign(one=0), "one", "success").iloc[0]
+            position = t + (a - (len(agents) - 1) / 2) * width
+            axis.bar(position, stats["mean"], width=width * 0.9, color=color_for(agent, agents),
+                     label=agent if t == 0 else None)
+            axis.errorbar(position, stats["mean"], yerr=[[stats["mean"] - stats["low"]], [stats["high"] - stats["mean"]]],
+                          color="black", capsize=3, lw=1)
+            if (agent, task) in paper:
+                axis.plot(position, paper[(agent, task)], marker="*", color="black", ms=9,
+                          label="paper" if not any(h.get_label() == "paper" for h in axis.lines) else None)
+    axis.set_xticks(range(len(tasks)), [_short(t) for t in tasks], fontsize=8, rotation=10)
+    axis.set_ylabel("success rate (%)")
+    axis.set_ylim(0, 105)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8, ncols=2)
+    figure.tight_layout()
+    return figure
+
+
+def metric_curves(metrics: pd.DataFrame, names: list[str]) -> Figure:
+    """One panel per metric name: value against step, one line per (agent, task), mean over seeds.
+
+    ``metrics`` columns: agent, task, seed, step, metric, value.
+    """
+    present = [name for name in names if name in set(metrics["metric"])]
+    figure, axes = _grid(max(1, len(present)), width=4.2, height=2.9)
+    labels = sorted({f"{a} {_short(t)}" for a, t in zip(metrics["agent"], metrics["task"])})
+    for axis, name in zip(axes.flat, present):
+        rows = metrics[metrics["metric"] == name]
+        for (agent, task), group in rows.groupby(["agent", "task"]):
+            stats = mean_band(group, "step", "value")
+            label = f"{agent} {_short(task)}"
+            axis.plot(stats["step"], stats["mean"], color=color_for(agent, sorted(rows["agent"].unique())),
+                      label=label if len(labels) > 1 else agent)
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def roundtrip_histogram(errors: dict[str, np.ndarray]) -> Figure:
+    """Distribution of the per-chunk round-trip error (max |forward(reverse(a)) - a|), one series per label."""
+    figure, axis = plt.subplots(figsize=(5.2, 3.2))
+    finite = [np.asarray(e, dtype=np.float64) for e in errors.values() if len(e)]
+    floor = 1e-9
+    high = max((float(e.max()) for e in finite), default=1.0)
+    low = min((float(max(e.min(), floor)) for e in finite), default=floor)
+    bins = np.logspace(np.log10(max(low, floor)), np.log10(max(high, low * 10)), 40)
+    for label, values in errors.items():
+        axis.hist(np.clip(np.asarray(values, dtype=np.float64), floor, None), bins=bins, alpha=0.6, label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel("round-trip error (max abs, per chunk)")
+    axis.set_ylabel("chunks")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def bar_table(values: pd.DataFrame, x: str, y: str, ylabel: str) -> Figure:
+    """A plain bar chart of ``y`` per ``x`` (e.g. steps/s per agent or reversal mode)."""
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(values)), 3.0))
+    order = list(values[x])
+    axis.bar(range(len(values)), values[y], color=[color_for(str(n), order) for n in order])
+    axis.set_xticks(range(len(values)), order, fontsize=8, rotation=10)
+    axis.set_ylabel(ylabel)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
