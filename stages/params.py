@@ -1,0 +1,563 @@
+"""Typed, validated pipeline parameters (params.yaml), OGBench task naming, and per-environment RQL presets.
+
+`load_params()` validates the whole file before any work starts: unknown keys, unknown task names, zero or negative
+sizes and inconsistent settings raise one `ParamsError` whose message names every offending key.
+
+Task names are OGBench's singletask names: `<env>-<dataset type>[-100m]-singletask[-task<k>]-v0`, e.g.
+`cube-single-play-singletask-task2-v0` (env `cube-single-singletask-task2-v0`, dataset `cube-single-play-v0`) or
+`puzzle-4x4-play-100m-singletask-task1-v0` (dataset `puzzle-4x4-play-100m-v0`, a folder of 1M-transition files).
+
+Presets: the reference implementation's per-environment RQL settings (`PRESETS`). A task whose environment has no
+entry (e.g. cube-single) gets `DEFAULT_PRESET` (alpha 3.0, expectile 0.9, rho 0.5, h 5, discount 0.99), whose sparse
+flag follows the reference's rule by environment family: sparse rewards for scene and puzzle, dense otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid. The message names each offending key; CLIs print it and exit 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OGBench task naming
+# ---------------------------------------------------------------------------------------------------------------------
+
+MANIPULATION_TYPES = ('play', 'noisy')
+# Environment family -> dataset types OGBench publishes for it.
+DATASET_TYPES: dict[str, tuple[str, ...]] = {
+    **{f'cube-{n}': MANIPULATION_TYPES for n in ('single', 'double', 'triple', 'quadruple')},
+    'scene': MANIPULATION_TYPES,
+    **{f'puzzle-{n}': MANIPULATION_TYPES for n in ('3x3', '4x4', '4x5', '4x6')},
+    **{f'pointmaze-{n}': ('navigate', 'stitch') for n in ('medium', 'large', 'giant', 'teleport')},
+    **{f'antmaze-{n}': ('navigate', 'stitch', 'explore') for n in ('medium', 'large', 'teleport')},
+    'antmaze-giant': ('navigate', 'stitch'),
+    **{f'humanoidmaze-{n}': ('navigate', 'stitch') for n in ('medium', 'large', 'giant')},
+    **{f'antsoccer-{n}': ('navigate', 'stitch') for n in ('arena', 'medium')},
+}
+LARGE_SIZES = ('100m',)  # OGBench's large datasets: a folder of 100 files of 1M transitions each
+EXPERT_FAMILIES = ('antmaze-', 'humanoidmaze-', 'antsoccer-')  # datasets collected by trained expert policies
+BUTTON_FAMILIES = ('scene', 'puzzle-')  # environments whose raw files carry button_states
+
+_TASK_RE = re.compile(
+    r'^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<dataset_type>play|noisy|navigate|stitch|explore)'
+    r'(?:-(?P<size>[0-9]+[a-z]))?-singletask(?:-task(?P<task_id>[0-9]+))?-(?P<version>v[0-9]+)$'
+)
+_TASK_FORM = '<env>-<dataset type>[-100m]-singletask[-task<k>]-v0, e.g. cube-single-play-singletask-task2-v0'
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The parts of an OGBench singletask name."""
+
+    task: str
+    family: str  # e.g. 'cube-single', 'puzzle-4x4', 'pointmaze-medium'
+    dataset_type: str  # play | noisy | navigate | stitch | explore
+    size: str | None  # None (1M transitions) or '100m'
+    task_id: int | None  # None: the environment's default task
+    version: str
+
+    @property
+    def dataset(self) -> str:
+        """OGBench dataset name: `<family>-<type>[-100m]-v0` (a file, or a folder of files when large)."""
+        size = f'-{self.size}' if self.size else ''
+        return f'{self.family}-{self.dataset_type}{size}-{self.version}'
+
+    @property
+    def shard_stem(self) -> str:
+        """Name stem of the files inside a large dataset's folder: `<stem>-000.npz`, `<stem>-000-val.npz`, ..."""
+        return f'{self.family}-{self.dataset_type}-{self.version}'
+
+    @property
+    def env(self) -> str:
+        """Registered gymnasium id of the singletask environment (the dataset type and size removed)."""
+        task = f'-task{self.task_id}' if self.task_id is not None else ''
+        return f'{self.family}-singletask{task}-{self.version}'
+
+    @property
+    def preset_key(self) -> str:
+        """Key of this task's environment in `PRESETS`, e.g. 'cube-double-play'."""
+        return f'{self.family}-{self.dataset_type}'
+
+    @property
+    def is_large(self) -> bool:
+        return self.size is not None
+
+    @property
+    def needs_expert_weights(self) -> bool:
+        """True when OGBench built the dataset with trained expert policies (only downloadable)."""
+        return self.family.startswith(EXPERT_FAMILIES)
+
+    @property
+    def has_buttons(self) -> bool:
+        return self.family.startswith(BUTTON_FAMILIES)
+
+    @property
+    def sparse_family(self) -> bool:
+        """The reference's sparse-reward rule: scene and puzzle."""
+        return self.family.startswith(BUTTON_FAMILIES)
+
+
+@lru_cache(maxsize=1)
+def _registered_env_ids() -> frozenset[str]:
+    import gymnasium
+
+    import ogbench  # noqa: F401  (registers OGBench's environments)
+
+    return frozenset(gymnasium.envs.registry)
+
+
+@lru_cache(maxsize=None)
+def parse_task(task: str) -> TaskSpec:
+    """Parse and check an OGBench singletask name; ValueError with the reason when it is not one."""
+    if not isinstance(task, str):
+        raise ValueError(f'a task name must be a string (got {task!r})')
+    match = _TASK_RE.match(task)
+    if match is None:
+        raise ValueError(f'not an OGBench singletask name {task!r}: expected {_TASK_FORM}')
+    family, dataset_type, size = match['family'], match['dataset_type'], match['size']
+    if family.startswith('visual-'):
+        raise ValueError(f'{task!r}: pixel-based (visual-*) tasks are not supported by this pipeline')
+    if family not in DATASET_TYPES:
+        raise ValueError(f'{task!r}: unknown OGBench environment {family!r} (known: {", ".join(DATASET_TYPES)})')
+    if dataset_type not in DATASET_TYPES[family]:
+        allowed = ', '.join(DATASET_TYPES[family])
+        raise ValueError(f'{task!r}: OGBench has no {dataset_type!r} dataset for {family} (it has: {allowed})')
+    if size is not None and size not in LARGE_SIZES:
+        raise ValueError(f'{task!r}: unknown dataset size {size!r} (OGBench large datasets: {", ".join(LARGE_SIZES)})')
+    if size is not None and dataset_type not in MANIPULATION_TYPES:
+        raise ValueError(f'{task!r}: OGBench has {size} datasets only for manipulation (play/noisy) environments')
+    spec = TaskSpec(
+        task=task,
+        family=family,
+        dataset_type=dataset_type,
+        size=size,
+        task_id=int(match['task_id']) if match['task_id'] is not None else None,
+        version=match['version'],
+    )
+    if spec.env not in _registered_env_ids():
+        raise ValueError(f'{task!r}: OGBench registers no environment {spec.env!r} (singletask ids are task1..task5)')
+    return spec
+
+
+def dataset_for_task(task: str) -> str:
+    """OGBench dataset a task trains on: `cube-single-play-singletask-task2-v0` -> `cube-single-play-v0`."""
+    return parse_task(task).dataset
+
+
+def env_for_task(task: str) -> str:
+    """Singletask environment of a task: `cube-single-play-singletask-task2-v0` -> `cube-single-singletask-task2-v0`."""
+    return parse_task(task).env
+
+
+def datasets_for_tasks(tasks: list[str]) -> list[str]:
+    """The distinct datasets the tasks need, in first-use order."""
+    return list(dict.fromkeys(dataset_for_task(t) for t in tasks))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-environment RQL presets (reference implementation's command list)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    alpha: float  # BC (flow-matching) weight
+    expectile: float  # kappa
+    rho: float  # pessimism over the critic ensemble
+    h: int  # action chunk length
+    discount: float
+    sparse: bool  # r <- -1 * [r != 0]
+
+
+PRESETS: dict[str, Preset] = {
+    'scene-play': Preset(alpha=3.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=True),
+    'puzzle-3x3-play': Preset(alpha=1.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=True),
+    'puzzle-4x4-play': Preset(alpha=1.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=True),
+    'cube-double-play': Preset(alpha=10.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False),
+    'cube-triple-play': Preset(alpha=1.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False),
+    'cube-quadruple-play': Preset(alpha=1.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=False),
+    'antmaze-large-navigate': Preset(alpha=0.1, expectile=0.5, rho=0.5, h=1, discount=0.99, sparse=False),
+    'antmaze-giant-navigate': Preset(alpha=0.1, expectile=0.5, rho=0.5, h=1, discount=0.995, sparse=False),
+    'humanoidmaze-medium-navigate': Preset(alpha=0.3, expectile=0.5, rho=0.0, h=1, discount=0.995, sparse=False),
+    'humanoidmaze-large-navigate': Preset(alpha=0.3, expectile=0.5, rho=0.0, h=1, discount=0.995, sparse=False),
+}
+# Environments the reference never ran (e.g. cube-single): documented defaults; sparse follows the family rule.
+DEFAULT_PRESET = Preset(alpha=3.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False)
+PRESET_NAMES = ('auto', 'default', *PRESETS)
+
+
+def preset_for_task(task: str) -> tuple[str, Preset]:
+    """(name, preset) of the task's own environment: its `PRESETS` entry, else 'default' with the family sparse rule."""
+    spec = parse_task(task)
+    if spec.preset_key in PRESETS:
+        return spec.preset_key, PRESETS[spec.preset_key]
+    return 'default', dataclasses.replace(DEFAULT_PRESET, sparse=spec.sparse_family)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The params.yaml schema
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _yaml_number(value: Any) -> Any:
+    """Accept YAML 1.1 strings like '1e-4' (PyYAML reads them as str) as numbers; leave everything else alone."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _int(**bounds: Any) -> Any:
+    return Annotated[int, Strict(), Field(**bounds)]
+
+
+def _float(**bounds: Any) -> Any:
+    return Annotated[float, BeforeValidator(_yaml_number), Strict(), Field(**bounds)]
+
+
+PositiveInt = _int(gt=0)
+NonNegativeInt = _int(ge=0)
+PositiveFloat = _float(gt=0)
+Fraction = _float(gt=0, lt=1)
+Bool = Annotated[bool, Strict()]
+
+
+def _auto_or_bool(value: Any) -> Any:
+    if value == 'auto' or isinstance(value, bool):
+        return value
+    raise ValueError(f"must be auto, true or false (got {value!r})")
+
+
+AutoOrBool = Annotated[Literal['auto'] | bool, BeforeValidator(_auto_or_bool)]
+
+
+def _check_task_name(task: str) -> str:
+    parse_task(task)  # ValueError -> reported at tasks[i]
+    return task
+
+
+def _check_preset_name(name: str) -> str:
+    if name not in PRESET_NAMES:
+        raise ValueError(f'unknown preset {name!r} (allowed: {", ".join(PRESET_NAMES)})')
+    return name
+
+
+def _unique(values: list) -> list:
+    seen = set()
+    repeated = [v for v in values if v in seen or seen.add(v)]
+    if repeated:
+        raise ValueError(f'duplicate entries: {", ".join(map(str, dict.fromkeys(repeated)))}')
+    return values
+
+
+TaskName = Annotated[str, Strict(), AfterValidator(_check_task_name)]
+AgentName = Literal['rql', 'fql', 'bc_flow']
+LayerSizes = Annotated[list[PositiveInt], Field(min_length=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra='forbid', frozen=True)
+
+
+class DataParams(_Section):
+    """`download` stage: where datasets come from and how generated ones are sized."""
+
+    source: Literal['auto', 'download', 'generate']
+    episodes: PositiveInt  # training episodes per generated dataset (per file for 100m datasets)
+    val_episodes: PositiveInt | None  # None: max(1, episodes // 10)
+    workers: PositiveInt  # generation processes
+    seed: NonNegativeInt
+    sparse: AutoOrBool  # auto: the task's environment preset
+    episode_steps: _int(ge=2) | None = None  # None: OGBench's length (1001 for manipulation and pointmaze navigate)
+    shards: _int(ge=1, le=100) = 100  # 100m datasets only: 1M-transition files to download or generate
+
+    @property
+    def val_episode_count(self) -> int:
+        return self.val_episodes if self.val_episodes is not None else max(1, self.episodes // 10)
+
+
+class FlowParams(_Section):
+    steps: PositiveInt
+
+
+class NetworkParams(_Section):
+    actor: LayerSizes
+    critic: LayerSizes
+    ensemble: PositiveInt
+    critic_layer_norm: Bool
+    actor_layer_norm: Bool
+
+
+class AgentParams(_Section):
+    preset: Annotated[str, Strict(), AfterValidator(_check_preset_name)]
+    alpha: PositiveFloat | None
+    expectile: Fraction | None
+    rho: _float(ge=0) | None
+    h: PositiveInt | None
+    discount: Fraction | None
+    lr: PositiveFloat
+    batch_size: PositiveInt
+    tau: _float(gt=0, le=1)
+    ema: _float(ge=0, lt=1)
+
+
+class FqlParams(_Section):
+    alpha: PositiveFloat
+
+
+class PriorParams(_Section):
+    steps: PositiveInt
+
+
+class ReverseParams(_Section):
+    method: Literal['exact', 'euler']
+    iterations: PositiveInt
+    tolerance: PositiveFloat
+    batch_size: PositiveInt
+    shard_rows: PositiveInt
+
+
+class TrainParams(_Section):
+    steps: PositiveInt
+    reversal: Literal['online', 'cached']
+    refresh_every: NonNegativeInt
+    updates_per_call: PositiveInt
+    log_every: PositiveInt
+    checkpoint_every: PositiveInt
+    eval_every: NonNegativeInt
+    device: Literal['auto', 'cpu', 'gpu']
+
+
+class EvaluateParams(_Section):
+    episodes: PositiveInt
+    envs: PositiveInt
+    workers: PositiveInt
+    video: Bool
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    tasks: Annotated[list[TaskName], Field(min_length=1)]
+    seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    agents: Annotated[list[AgentName], Field(min_length=1)]
+    data: DataParams
+    flow: FlowParams
+    networks: NetworkParams
+    agent: AgentParams
+    fql: FqlParams
+    prior: PriorParams
+    reverse: ReverseParams
+    train: TrainParams
+    evaluate: EvaluateParams
+
+    _no_duplicates = field_validator('tasks', 'seeds', 'agents')(_unique)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resolution of effective settings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedAgent:
+    """Effective agent settings for one task: explicit `agent` values over the preset's."""
+
+    preset: str
+    alpha: float
+    expectile: float
+    rho: float
+    h: int
+    discount: float
+    lr: float
+    batch_size: int
+    tau: float
+    ema: float
+    sparse: bool  # effective data.sparse for this task
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_sparse(params: Params, task: str) -> bool:
+    """`data.sparse` for a task: explicit true/false, or (auto) its environment preset's flag."""
+    if isinstance(params.data.sparse, bool):
+        return params.data.sparse
+    return preset_for_task(task)[1].sparse
+
+
+def resolve_agent(params: Params, task: str) -> ResolvedAgent:
+    """Effective agent settings for `task`. `agent.preset: auto` uses the task's environment preset, a named preset
+    is used for every task; `null` values in `agent` come from the preset, explicit values override."""
+    agent = params.agent
+    if agent.preset == 'auto':
+        name, preset = preset_for_task(task)
+    elif agent.preset == 'default':
+        name, preset = 'default', DEFAULT_PRESET
+    else:
+        name, preset = agent.preset, PRESETS[agent.preset]
+
+    def pick(field: str) -> Any:
+        value = getattr(agent, field)
+        return getattr(preset, field) if value is None else value
+
+    return ResolvedAgent(
+        preset=name,
+        alpha=float(pick('alpha')),
+        expectile=float(pick('expectile')),
+        rho=float(pick('rho')),
+        h=int(pick('h')),
+        discount=float(pick('discount')),
+        lr=agent.lr,
+        batch_size=agent.batch_size,
+        tau=agent.tau,
+        ema=agent.ema,
+        sparse=resolve_sparse(params, task),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cross-setting consistency
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def consistency_errors(params: Params) -> list[str]:
+    """`key: problem` lines for settings that are valid alone but contradict each other."""
+    errors = []
+    train, data = params.train, params.data
+    if train.refresh_every > 0 and train.reversal == 'online':
+        errors.append(
+            f'train.refresh_every: only used with train.reversal: cached, but reversal is online '
+            f'(got refresh_every={train.refresh_every}; set it to 0 or use reversal: cached)'
+        )
+    for key in ('steps', 'log_every', 'checkpoint_every', 'eval_every', 'refresh_every'):
+        value = getattr(train, key)
+        if value % train.updates_per_call:
+            errors.append(
+                f'train.{key}: must be a multiple of train.updates_per_call={train.updates_per_call} '
+                f'(updates run in fused calls of that many steps; got {value})'
+            )
+    if params.evaluate.workers > params.evaluate.envs:
+        errors.append(
+            f'evaluate.workers: more env worker processes than environments '
+            f'(got workers={params.evaluate.workers} > envs={params.evaluate.envs})'
+        )
+    for i, task in enumerate(params.tasks):
+        spec = parse_task(task)
+        if spec.needs_expert_weights and data.source == 'generate':
+            errors.append(
+                f'data.source: generate cannot build {spec.dataset} needed by tasks[{i}] ({task}): OGBench made it '
+                f'with expert policies whose weights are only on the OGBench server; use source: auto or download'
+            )
+        h = resolve_agent(params, task).h
+        if data.episode_steps is not None and data.episode_steps - 1 < h:
+            errors.append(
+                f'data.episode_steps: episodes of {data.episode_steps} rows hold {data.episode_steps - 1} '
+                f'transitions, fewer than the action chunk h={h} of tasks[{i}] ({task})'
+            )
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _key_path(loc: tuple) -> str:
+    """'data.episodes', 'tasks[0]': the params.yaml key of a pydantic error location (union/validator tags dropped)."""
+    model: type[BaseModel] | None = Params
+    path = ''
+    for part in loc:
+        if isinstance(part, int):
+            path += f'[{part}]'
+            continue
+        if model is None or part not in model.model_fields:
+            break  # a tag pydantic adds inside one key's value (e.g. which union branch failed)
+        path += f'.{part}' if path else part
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return path or '(top level)'
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """Allowed keys of the mapping at `loc` (for 'unknown key' messages)."""
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            break
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> tuple[str, str]:
+    """(key path, message) of one pydantic error, phrased for a person editing params.yaml."""
+    loc = tuple(error['loc'])
+    if error['type'] == 'extra_forbidden':
+        parent = _key_path(loc[:-1]) if loc[:-1] else ''
+        allowed = ', '.join(_section_fields(loc[:-1]))
+        return f'{parent}.{loc[-1]}' if parent else str(loc[-1]), f'unknown key (allowed here: {allowed})'
+    if error['type'] == 'missing':
+        return _key_path(loc), 'missing (every key must be set in params.yaml)'
+    message = error['msg'].removeprefix('Value error, ')
+    if error['type'] != 'value_error' and 'input' in error:
+        message = f'{message} (got {error["input"]!r})'
+    return _key_path(loc), message
+
+
+def _format_errors(source: str, lines: list[str]) -> str:
+    head = f'{source}: {len(lines)} invalid setting{"s" if len(lines) > 1 else ""}:'
+    return '\n'.join([head, *(f'  - {line}' for line in lines)])
+
+
+def validate_params(raw: Any, source: str = 'params') -> Params:
+    """Validate a parsed params mapping; ParamsError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f'{source}: the top level must be a mapping of sections (got {type(raw).__name__})')
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        described = dict.fromkeys(': '.join(_describe(e)) for e in exc.errors())  # dedupe union branches
+        raise ParamsError(_format_errors(source, list(described))) from None
+    errors = consistency_errors(params)
+    if errors:
+        raise ParamsError(_format_errors(source, errors))
+    return params
+
+
+def load_params(path: str | Path = 'params.yaml') -> Params:
+    """Read and validate params.yaml; ParamsError (never another exception) on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(f'{path}: cannot read the params file ({exc.strerror or exc})') from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f'{path}: not valid YAML: {exc}') from None
+    return validate_params(raw, source=str(path))
