@@ -1,0 +1,172 @@
+"""Pieces shared by the flow agents: the common config, losses, target updates and the K-step update driver."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stages.core import flows
+from stages.core.batches import DeviceDataset
+from stages.core.networks import CriticEnsemble, VelocityField
+
+
+def _positive_int_tuple(name: str, value) -> tuple[int, ...]:
+    dims = tuple(int(v) for v in value)
+    if len(dims) == 0 or any(v <= 0 for v in dims) or any(int(v) != v for v in value):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {value!r}")
+    return dims
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlowConfig:
+    """Settings every flow agent has. `action_dim` is the per-step action size d; chunks have h * d values."""
+
+    obs_dim: int
+    action_dim: int
+    h: int = 3
+    flow_steps: int = 10
+    actor_hidden: tuple[int, ...] = (512, 512, 512, 512)
+    actor_layer_norm: bool = False
+    lr: float = 3e-4
+    batch_size: int = 256
+    discount: float = 0.99
+
+    def __post_init__(self):
+        object.__setattr__(self, "actor_hidden", _positive_int_tuple("actor_hidden", self.actor_hidden))
+        _check(self.obs_dim >= 1, f"obs_dim must be >= 1, got {self.obs_dim}")
+        _check(self.action_dim >= 1, f"action_dim must be >= 1, got {self.action_dim}")
+        _check(self.h >= 1, f"h (chunk length) must be >= 1, got {self.h}")
+        _check(self.flow_steps >= 1, f"flow_steps must be >= 1, got {self.flow_steps}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
+        _check(0.0 < self.discount <= 1.0, f"discount must be in (0, 1], got {self.discount}")
+
+    @property
+    def chunk_dim(self) -> int:
+        """Size h * d of a flattened action chunk (the flow's dimension)."""
+        return self.h * self.action_dim
+
+
+def check_critic_fields(config) -> None:
+    """Validate (and normalise) critic_hidden, ensemble and tau of a config that has a critic."""
+    object.__setattr__(config, "critic_hidden", _positive_int_tuple("critic_hidden", config.critic_hidden))
+    _check(config.ensemble >= 1, f"ensemble must be >= 1, got {config.ensemble}")
+    _check(0.0 <= config.tau <= 1.0, f"tau must be in [0, 1], got {config.tau}")
+
+
+def make_actor(config: FlowConfig) -> VelocityField:
+    return VelocityField(config.actor_hidden, config.chunk_dim, config.actor_layer_norm)
+
+
+def make_critic(config) -> CriticEnsemble:
+    return CriticEnsemble(config.critic_hidden, config.ensemble, config.critic_layer_norm)
+
+
+def init_velocity(module: VelocityField, config: FlowConfig, key: jax.Array, with_time: bool = True):
+    s = jnp.zeros((1, config.obs_dim), jnp.float32)
+    x = jnp.zeros((1, config.chunk_dim), jnp.float32)
+    t = jnp.zeros((1, 1), jnp.float32) if with_time else None
+    return module.init(key, s, x, t)["params"]
+
+
+def copy_tree(tree):
+    """A buffer-distinct copy (two state leaves must not share a buffer when the state is donated)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def polyak(online, target, rate: float):
+    """target <- rate * online + (1 - rate) * target, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda p, tp: rate * p + (1.0 - rate) * tp, online, target)
+
+
+def expectile_loss(diff: jnp.ndarray, expectile: float) -> jnp.ndarray:
+    """|kappa - [diff < 0]| * diff^2 with diff = target - q (kappa = `expectile`)."""
+    weight = jnp.where(diff >= 0, expectile, 1.0 - expectile)
+    return weight * jnp.square(diff)
+
+
+def flow_matching_pairs(key: jax.Array, x1: jnp.ndarray):
+    """Flow-matching training points: x0 ~ N(0, I), t ~ U[0, 1), x_t = (1 - t) x0 + t x1, target x1 - x0."""
+    k_noise, k_time = jax.random.split(key)
+    x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
+    t = jax.random.uniform(k_time, (x1.shape[0], 1), x1.dtype)
+    return (1.0 - t) * x0 + t * x1, t, x1 - x0
+
+
+def apply_adam(tx: optax.GradientTransformation, grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def check_dataset(config: FlowConfig, data: DeviceDataset, needs_cache: bool = False) -> None:
+    """Raise a clear error when the device dataset does not fit the agent config."""
+    if not isinstance(data, DeviceDataset):
+        raise TypeError(f"expected a DeviceDataset (stages.core.batches.to_device), got {type(data).__name__}")
+    if data.obs_dim != config.obs_dim:
+        raise ValueError(f"dataset obs_dim {data.obs_dim} != config.obs_dim {config.obs_dim}")
+    if data.action_dim != config.action_dim:
+        raise ValueError(f"dataset action_dim {data.action_dim} != config.action_dim {config.action_dim}")
+    if needs_cache:
+        expected = (data.size, config.flow_steps + 1, config.chunk_dim)
+        if data.reversal is None:
+            raise ValueError("reversal='cached' needs a dataset with a reversal cache (to_device(..., reversal=...))")
+        if tuple(data.reversal.shape) != expected:
+            raise ValueError(f"reversal cache shape {tuple(data.reversal.shape)} != expected {expected}")
+
+
+def make_scan_update(step: Callable[[Any, DeviceDataset], tuple[Any, dict]], num_updates: int, check: Callable):
+    """Jit `num_updates` applications of `step` in one lax.scan; metrics are averaged over the updates.
+
+    The returned function `(state, data) -> (state, metrics)` donates `state`: do not reuse the state passed in.
+    """
+    if num_updates < 1:
+        raise ValueError(f"num_updates must be >= 1, got {num_updates}")
+
+    def run(state, data):
+        def body(carry, _):
+            return step(carry, data)
+
+        state, metrics = jax.lax.scan(body, state, None, length=num_updates)
+        return state, jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
+
+    jitted = jax.jit(run, donate_argnums=0)
+
+    def update(state, data):
+        check(data)
+        return jitted(state, data)
+
+    return update
+
+
+def check_observations(config: FlowConfig, observations) -> jnp.ndarray:
+    observations = jnp.asarray(observations, jnp.float32)
+    if observations.ndim != 2 or observations.shape[1] != config.obs_dim:
+        raise ValueError(f"observations must be (B, obs_dim={config.obs_dim}), got {observations.shape}")
+    return observations
+
+
+@partial(jax.jit, static_argnums=0)
+def _sample_flow(config: FlowConfig, params, observations, key):
+    actor_def = make_actor(config)
+    noise = jax.random.normal(key, (observations.shape[0], config.chunk_dim), jnp.float32)
+
+    def velocity(obs, x, t):
+        return actor_def.apply({"params": params}, obs, x, t)
+
+    chunks = flows.euler_sample(velocity, observations, noise, config.flow_steps, clip=True)
+    return chunks.reshape(observations.shape[0], config.h, config.action_dim)
+
+
+def sample_flow_actions(config: FlowConfig, params, observations, key: jax.Array) -> jax.Array:
+    """Chunks (B, h, d): the flow actor `params` integrated by F Euler steps from N(0, I), clipped to [-1, 1]."""
+    return _sample_flow(config, params, check_observations(config, observations), key)
