@@ -1,0 +1,747 @@
+"""Batched evaluation of an action-chunking policy in an OGBench single-task environment.
+
+Pure library: knows nothing of the project's files or params. The public entry points are
+
+* :func:`evaluate` -- make the environments, run the episodes, close everything;
+* :class:`Evaluator` -- the same, but keeps its environments (and worker processes) alive so evaluation during
+  training pays the environment start-up (~1 s per OGBench manipulation env) only once.
+
+How the episodes are run
+------------------------
+``num_envs`` environments run side by side, spread round-robin over ``workers`` processes (``workers=1`` steps them in
+this process). Every environment holds one episode at a time; when it finishes, it takes the next episode not yet
+started (the order is fixed by episode lengths, hence reproducible). Episode ``j`` is reset with
+``episode_seed(seed, j)``, so which environment or worker runs it does not matter.
+
+The policy is called on a batch of observations and returns action chunks ``(n, h, d)``. Chunks are executed
+open-loop: a worker runs an environment's whole chunk (stopping early, and dropping the rest of the chunk, when the
+episode ends) before the policy is asked again. All environments therefore need a new chunk at the same moment, and
+each decision point is ONE policy call over every environment that has an episode running, padded to a fixed batch
+size (rows past the live ones repeat the first observation and are ignored) so that a jitted policy never
+recompiles. Actions are clipped to [-1, 1].
+
+An episode's success is ``info['success']`` at its last step (OGBench single-task envs end an episode on success or
+at the time limit); its return is the sum of rewards and its length the number of env steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import multiprocessing as mp
+import os
+import time
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Self
+
+import numpy as np
+
+Policy = Callable[[np.ndarray, Any], Any]
+"""``policy(observations (n, *obs_shape), key) -> actions (n, h, d)``; see :meth:`Evaluator.run` for ``key``."""
+
+KeyMode = Literal["call", "row"]
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Small pure helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def episode_seed(base_seed: int, episode: int) -> int:
+    """The environment reset seed of episode ``episode``: a hash of ``(base_seed, episode)`` in [0, 2**32)."""
+    if base_seed < 0 or episode < 0:
+        raise ValueError(
+            f"seed and episode index must be non-negative, got seed={base_seed}, episode={episode}"
+        )
+    return int(np.random.SeedSequence([int(base_seed), int(episode)]).generate_state(1, dtype=np.uint32)[0])
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% for the default ``z``).
+
+    Unlike the normal ("Wald") interval it stays inside [0, 1] and is not degenerate at 0 or ``trials`` successes,
+    which matters for success rates near 0% or 100% over ~50 episodes.
+    """
+    if trials <= 0:
+        raise ValueError(f"need at least one trial for an interval, got {trials}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be in [0, {trials}], got {successes}")
+    p = successes / trials
+    denom = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / trials + z * z / (4 * trials * trials)) / denom
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
+
+
+def _ensure_ogbench_registered() -> None:
+    """Import ogbench so that its gymnasium ids are registered (and default to headless EGL rendering)."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import ogbench  # noqa: F401  (registers the environments)
+
+
+def resolve_env_id(name: str) -> str:
+    """The gymnasium id for an OGBench env or single-task dataset name.
+
+    Accepts an env id (``cube-single-singletask-task2-v0``) or a task/dataset name, which names the dataset type too
+    (``cube-single-play-singletask-task2-v0``; mapped as OGBench's ``make_env_and_datasets`` does).
+
+    Raises:
+        ValueError: the name is neither, with the closest registered ids.
+    """
+    import gymnasium
+
+    _ensure_ogbench_registered()
+    registry = gymnasium.envs.registry
+    if name in registry:
+        return name
+    parts = name.split("-")
+    if "singletask" in parts and parts.index("singletask") >= 2:
+        pos = parts.index("singletask")
+        candidate = "-".join(parts[: pos - 1] + parts[pos:])
+        if candidate in registry:
+            return candidate
+    close = difflib.get_close_matches(name, [k for k in registry if "singletask" in k], n=3, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise ValueError(
+        f"unknown OGBench environment {name!r}: expected an env id such as 'cube-single-singletask-task2-v0' or a "
+        f"task name such as 'cube-single-play-singletask-task2-v0'{hint}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    """One episode: its index, reset seed, outcome, and the number of policy queries it used."""
+
+    episode: int
+    seed: int
+    success: bool
+    episode_return: float
+    length: int
+    policy_queries: int
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """Aggregate over the episodes of one evaluation.
+
+    ``success_ci95`` is the Wilson score 95% interval of the success rate. ``policy_calls`` counts batched calls;
+    ``wall_time_s`` is the rollout time and ``setup_time_s`` the time spent making environments and starting workers
+    before it (0 when an :class:`Evaluator` reuses them).
+    """
+
+    episodes: int
+    successes: int
+    success_rate: float
+    success_ci95: tuple[float, float]
+    mean_return: float
+    mean_length: float
+    env_steps: int
+    policy_calls: int
+    wall_time_s: float
+    setup_time_s: float
+    env_steps_per_s: float
+    episodes_per_s: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Everything an evaluation produced. ``videos`` maps an episode index to its frames, uint8 (T, H, W, 3)."""
+
+    env_id: str
+    summary: EvalSummary
+    episodes: tuple[EpisodeResult, ...]
+    videos: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary and per-episode records (videos are left out)."""
+        summary = asdict(self.summary)
+        summary["success_ci95"] = list(self.summary.success_ci95)
+        return {"env_id": self.env_id, "summary": summary, "episodes": [asdict(e) for e in self.episodes]}
+
+
+def summarize(
+    episodes: Sequence[EpisodeResult], wall_time_s: float, policy_calls: int, setup_time_s: float = 0.0
+) -> EvalSummary:
+    """Summary statistics of finished episodes (success rate with its Wilson 95% interval, means, throughput)."""
+    if not episodes:
+        raise ValueError("no episodes to summarize")
+    n = len(episodes)
+    successes = sum(bool(e.success) for e in episodes)
+    steps = sum(e.length for e in episodes)
+    wall = max(float(wall_time_s), 1e-9)
+    return EvalSummary(
+        episodes=n,
+        successes=successes,
+        success_rate=successes / n,
+        success_ci95=wilson_interval(successes, n),
+        mean_return=float(np.mean([e.episode_return for e in episodes])),
+        mean_length=float(np.mean([e.length for e in episodes])),
+        env_steps=int(steps),
+        policy_calls=int(policy_calls),
+        wall_time_s=float(wall_time_s),
+        setup_time_s=float(setup_time_s),
+        env_steps_per_s=steps / wall,
+        episodes_per_s=n / wall,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Environments: a group of envs stepped chunk by chunk (used in this process or inside a worker process)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _make_env(env_id: str, render_size: tuple[int, int], env_kwargs: dict):
+    import gymnasium
+
+    _ensure_ogbench_registered()
+    width, height = render_size
+    return gymnasium.make(env_id, width=width, height=height, **env_kwargs)
+
+
+class _EnvGroup:
+    """Environments that run one episode each at a time; stepped a whole chunk per command."""
+
+    def __init__(self, env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict):
+        self.envs = [_make_env(env_id, render_size, env_kwargs) for _ in range(count)]
+        self.steps = [0] * count
+        self.limit = [0] * count
+        self.frame_skip = [0] * count  # 0: not recording
+
+    def spaces(self) -> dict:
+        """Observation shape/dtype, action dim and time limit of the environments."""
+        env = self.envs[0]
+        return {
+            "obs_shape": tuple(env.observation_space.shape),
+            "obs_dtype": str(env.observation_space.dtype),
+            "action_dim": int(np.prod(env.action_space.shape)),
+            "time_limit": env.spec.max_episode_steps if env.spec is not None else None,
+        }
+
+    def _frame(self, i: int) -> np.ndarray:
+        try:
+            return np.asarray(self.envs[i].render(), dtype=np.uint8).copy()
+        except Exception as exc:  # mujoco raises a variety of GL errors
+            raise RuntimeError(
+                f"rendering failed ({type(exc).__name__}: {exc}); headless rendering needs MUJOCO_GL=egl set "
+                "before mujoco is first imported"
+            ) from exc
+
+    def reset(self, items: Sequence[tuple[int, int, int, int]]) -> list[tuple[int, np.ndarray, list]]:
+        """Reset envs: items are (local index, seed, step limit, frame skip or 0)."""
+        out = []
+        for i, seed, limit, frame_skip in items:
+            env = self.envs[i]
+            env.unwrapped.action_space.seed(
+                seed
+            )  # OGBench's reset takes a few random actions from this space
+            obs, _ = env.reset(seed=seed)
+            self.steps[i], self.limit[i], self.frame_skip[i] = 0, limit, frame_skip
+            frames = [self._frame(i)] if frame_skip else []
+            out.append((i, np.asarray(obs), frames))
+        return out
+
+    def run_chunks(self, items: Sequence[tuple[int, np.ndarray]]) -> list[tuple]:
+        """Execute each env's chunk open-loop until it is used up or the episode ends.
+
+        Returns per env: (local index, last observation, reward sum, steps taken, done, success at the last step,
+        frames).
+        """
+        out = []
+        for i, chunk in items:
+            env, reward_sum, taken, done, success, frames = self.envs[i], 0.0, 0, False, False, []
+            for action in chunk:
+                obs, reward, terminated, truncated, info = env.step(action)
+                self.steps[i] += 1
+                taken += 1
+                reward_sum += float(reward)
+                success = bool(info.get("success", False))
+                done = bool(terminated or truncated or self.steps[i] >= self.limit[i])
+                skip = self.frame_skip[i]
+                if skip and (self.steps[i] % skip == 0 or done):
+                    frames.append(self._frame(i))
+                if done:
+                    break
+            out.append((i, np.asarray(obs), reward_sum, taken, done, success, frames))
+        return out
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _worker_main(conn, env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict) -> None:
+    """Worker process loop: owns an :class:`_EnvGroup` and answers (command, payload) messages."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    group = None
+    try:
+        group = _EnvGroup(env_id, count, render_size, env_kwargs)
+        conn.send(("ok", group.spaces()))
+        while True:
+            command, payload = conn.recv()
+            if command == "close":
+                break
+            if command == "reset":
+                conn.send(("ok", group.reset(payload)))
+            elif command == "run":
+                conn.send(("ok", group.run_chunks(payload)))
+            else:
+                conn.send(("error", f"unknown command {command!r}"))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except Exception:  # noqa: BLE001 -- any failure is reported to the parent, which raises it
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+    finally:
+        if group is not None:
+            group.close()
+        conn.close()
+
+
+class _LocalBackend:
+    """All environments in this process."""
+
+    def __init__(self, env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict):
+        self.group = _EnvGroup(env_id, count, render_size, env_kwargs)
+        self.workers = 1
+
+    def spaces(self) -> dict:
+        return self.group.spaces()
+
+    def call(self, command: str, per_worker: list[list]) -> list[list]:
+        method = self.group.reset if command == "reset" else self.group.run_chunks
+        return [method(per_worker[0]) if per_worker[0] else []]
+
+    def close(self) -> None:
+        self.group.close()
+
+
+def _close_processes(conns: list, procs: list) -> None:
+    for conn in conns:
+        with contextlib.suppress(OSError):
+            conn.send(("close", None))
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=5)
+    for conn in conns:
+        conn.close()
+
+
+class _ProcessBackend:
+    """Environments spread over worker processes (spawned, so safe next to JAX's threads)."""
+
+    def __init__(self, env_id: str, counts: list[int], render_size: tuple[int, int], env_kwargs: dict):
+        ctx = mp.get_context("spawn")
+        self.workers = len(counts)
+        self.conns, self.procs = [], []
+        for count in counts:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main, args=(child, env_id, count, render_size, env_kwargs), daemon=True
+            )
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self._finalizer = weakref.finalize(self, _close_processes, self.conns, self.procs)
+        try:
+            self._spaces = [self._receive(w) for w in range(self.workers)][0]  # noqa: RUF015 (receive from all)
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self, worker: int):
+        try:
+            status, payload = self.conns[worker].recv()
+        except EOFError:
+            self.procs[worker].join(timeout=5)
+            code = self.procs[worker].exitcode
+            raise RuntimeError(
+                f"rollout worker {worker} died (exit code {code}); see its traceback above. Workers are spawned: a "
+                "script that starts them needs an `if __name__ == '__main__':` guard"
+            ) from None
+        if status != "ok":
+            raise RuntimeError(f"rollout worker {worker} failed:\n{payload}")
+        return payload
+
+    def spaces(self) -> dict:
+        return self._spaces
+
+    def call(self, command: str, per_worker: list[list]) -> list[list]:
+        busy = [w for w, items in enumerate(per_worker) if items]
+        for w in busy:
+            self.conns[w].send((command, per_worker[w]))
+        results: list[list] = [[] for _ in per_worker]
+        for w in busy:
+            results[w] = self._receive(w)
+        return results
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Policy calls: keys and output checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Keys:
+    """Deterministic PRNG keys for policy calls (raw uint32 ``jax.random.PRNGKey``-style keys)."""
+
+    def __init__(self, seed: int, mode: KeyMode, batch_size: int):
+        import jax
+
+        if mode not in ("call", "row"):
+            raise ValueError(f"key_mode must be 'call' or 'row', got {mode!r}")
+        self.mode = mode
+        self.base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x5EED)
+        self.batch_size = batch_size
+        self._fold = jax.jit(jax.random.fold_in)
+        self._rows = jax.jit(
+            jax.vmap(
+                lambda base, e, q: jax.random.fold_in(jax.random.fold_in(base, e), q), in_axes=(None, 0, 0)
+            )
+        )
+
+    def __call__(self, call_index: int, episodes: np.ndarray, queries: np.ndarray):
+        """The key for batched call ``call_index``; rows are (episode, query-within-episode) pairs in 'row' mode."""
+        if self.mode == "call":
+            return self._fold(self.base, np.uint32(call_index))
+        e = np.zeros(self.batch_size, np.uint32)
+        q = np.zeros(self.batch_size, np.uint32)
+        e[: len(episodes)], q[: len(queries)] = episodes, queries
+        return self._rows(self.base, e, q)
+
+
+def check_actions(
+    actions: Any, batch_size: int, action_dim: int, live: int, horizon: int | None
+) -> np.ndarray:
+    """Validate a policy's output and return the live rows' chunks clipped to [-1, 1], as float64 (live, h, d).
+
+    Raises:
+        ValueError: wrong rank/shape (naming the expected and received shapes), a chunk length different from
+            earlier calls, a non-float dtype, or non-finite values in the live rows.
+    """
+    try:
+        arr = np.asarray(actions)
+    except Exception as exc:
+        raise ValueError(
+            f"policy output of type {type(actions).__name__} is not convertible to an array"
+        ) from exc
+    expected = (
+        f"({batch_size}, h, {action_dim})" if horizon is None else f"({batch_size}, {horizon}, {action_dim})"
+    )
+    if arr.ndim != 3 or arr.shape[0] != batch_size or arr.shape[2] != action_dim or arr.shape[1] < 1:
+        raise ValueError(
+            f"policy returned actions of shape {arr.shape}, expected {expected} "
+            f"(padded batch size, chunk length h >= 1, action dim)"
+        )
+    if horizon is not None and arr.shape[1] != horizon:
+        raise ValueError(
+            f"policy returned chunks of length {arr.shape[1]}, but earlier calls returned {horizon}"
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"policy returned actions of dtype {arr.dtype}, expected a floating dtype")
+    used = arr[:live]
+    if not np.all(np.isfinite(used)):
+        bad = np.argwhere(~np.isfinite(used))[0]
+        raise ValueError(f"policy returned a non-finite action (row {bad[0]}, step {bad[1]}, dim {bad[2]})")
+    return np.clip(used, -1.0, 1.0).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The evaluator
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """The episode an environment is running and its running totals."""
+
+    episode: int | None = None
+    obs: np.ndarray | None = None
+    ret: float = 0.0
+    length: int = 0
+    queries: int = 0
+    frames: list = field(default_factory=list)
+
+
+def _split_round_robin(count: int, workers: int) -> list[int]:
+    return [len(range(w, count, workers)) for w in range(workers)]
+
+
+class Evaluator:
+    """Environments (and worker processes) for repeated evaluations of one OGBench env.
+
+    Args:
+        env_name: env id or task name (see :func:`resolve_env_id`).
+        num_envs: environments run side by side (default ``2 * workers``); also the default padded batch size.
+        workers: processes stepping the environments; 1 steps them in this process, more spawn worker processes.
+        render_size: (width, height) of rendered video frames.
+        env_kwargs: extra keyword arguments for ``gymnasium.make``.
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        env_name: str,
+        *,
+        num_envs: int | None = None,
+        workers: int = 1,
+        render_size: tuple[int, int] = (200, 200),
+        env_kwargs: dict | None = None,
+    ):
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        num_envs = 2 * workers if num_envs is None else num_envs
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        if workers > num_envs:
+            raise ValueError(f"workers ({workers}) must not exceed num_envs ({num_envs})")
+        if len(render_size) != 2 or min(render_size) < 1:
+            raise ValueError(f"render_size must be (width, height) with positive sizes, got {render_size!r}")
+        self.env_id = resolve_env_id(env_name)
+        self.num_envs = num_envs
+        self.workers = workers
+        start = time.perf_counter()
+        kwargs = dict(env_kwargs or {})
+        size = (int(render_size[0]), int(render_size[1]))
+        if workers == 1:
+            self._backend: _LocalBackend | _ProcessBackend = _LocalBackend(
+                self.env_id, num_envs, size, kwargs
+            )
+        else:
+            self._backend = _ProcessBackend(self.env_id, _split_round_robin(num_envs, workers), size, kwargs)
+        info = self._backend.spaces()
+        self.obs_shape: tuple[int, ...] = info["obs_shape"]
+        self.obs_dtype = np.dtype(info["obs_dtype"])
+        self.action_dim: int = info["action_dim"]
+        self.time_limit: int | None = info["time_limit"]
+        self._setup_time = time.perf_counter() - start
+        self._closed = False
+
+    # -- slot <-> (worker, local index) ---------------------------------------------------------------------------
+    def _place(self, slot: int) -> tuple[int, int]:
+        return slot % self.workers, slot // self.workers
+
+    def _dispatch(self, command: str, items: list[tuple[int, Any]]) -> dict[int, tuple]:
+        """Send (slot, payload...) items to their workers at once; return results keyed by slot."""
+        per_worker: list[list] = [[] for _ in range(self.workers)]
+        for slot, *payload in items:
+            worker, local = self._place(slot)
+            per_worker[worker].append((local, *payload))
+        out: dict[int, tuple] = {}
+        for worker, results in enumerate(self._backend.call(command, per_worker)):
+            for local, *rest in results:
+                out[local * self.workers + worker] = tuple(rest)
+        return out
+
+    def run(
+        self,
+        policy: Policy,
+        *,
+        episodes: int = 50,
+        seed: int = 0,
+        batch_size: int | None = None,
+        key_mode: KeyMode = "call",
+        max_episode_steps: int | None = None,
+        video_episodes: int = 0,
+        frame_skip: int = 3,
+        progress: bool = False,
+    ) -> EvalResult:
+        """Run ``episodes`` episodes of ``policy`` and summarize them.
+
+        Args:
+            policy: ``policy(observations, key) -> actions``. ``observations`` is (batch_size, *obs_shape), float32
+                for float observation spaces; ``actions`` must be (batch_size, h, action_dim), floating, with h the
+                same on every call. Only the first rows (envs with a running episode) are used.
+            episodes: number of episodes; episode j is reset with ``episode_seed(seed, j)``.
+            seed: base seed for env resets and policy keys.
+            batch_size: padded batch size of every policy call (default ``num_envs``; must be >= it).
+            key_mode: ``'call'``: ``key`` is one raw PRNG key (shape (2,), uint32) per batched call, folded from
+                (seed, call number) -- results are the same for any ``workers``, but a stochastic policy's results
+                depend on ``num_envs``. ``'row'``: ``key`` is a (batch_size, 2) array with one key per row, folded
+                from (seed, episode, query number within the episode) -- a policy drawing each row's noise from its
+                row key gives the same results for any ``num_envs`` and ``workers``.
+            max_episode_steps: truncate episodes after this many steps (at most the env's own time limit).
+            video_episodes: render the first k episodes (by index) into ``EvalResult.videos``.
+            frame_skip: keep every ``frame_skip``-th frame of a rendered episode (and its first and last).
+            progress: show a tqdm progress bar over finished episodes.
+        """
+        if self._closed:
+            raise RuntimeError("this Evaluator is closed")
+        _check_positive("episodes", episodes)
+        _check_positive("frame_skip", frame_skip)
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(video_episodes, int) or not 0 <= video_episodes <= episodes:
+            raise ValueError(
+                f"video_episodes must be an integer in [0, episodes={episodes}], got {video_episodes!r}"
+            )
+        batch_size = self.num_envs if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < self.num_envs:
+            raise ValueError(
+                f"batch_size must be an integer >= num_envs ({self.num_envs}), got {batch_size!r}"
+            )
+        limit = self.time_limit if max_episode_steps is None else max_episode_steps
+        if limit is None:
+            raise ValueError(f"{self.env_id} has no time limit: pass max_episode_steps")
+        _check_positive("max_episode_steps", limit)
+        if self.time_limit is not None and limit > self.time_limit:
+            raise ValueError(
+                f"max_episode_steps={limit} exceeds the time limit of {self.env_id} ({self.time_limit})"
+            )
+        if not callable(policy):
+            raise TypeError(f"policy must be callable, got {type(policy).__name__}")
+
+        setup_time, self._setup_time = self._setup_time, 0.0
+        start = time.perf_counter()
+        keys = _Keys(seed, key_mode, batch_size)
+        slots = [_Slot() for _ in range(self.num_envs)]
+        results: dict[int, EpisodeResult] = {}
+        videos: dict[int, np.ndarray] = {}
+        next_episode = 0
+        calls = 0
+        horizon: int | None = None
+        obs_dtype = np.float32 if np.issubdtype(self.obs_dtype, np.floating) else self.obs_dtype
+        batch = np.zeros((batch_size, *self.obs_shape), dtype=obs_dtype)
+        bar = _progress_bar(episodes, self.env_id) if progress else None
+
+        def start_episodes(free: list[int]) -> None:
+            nonlocal next_episode
+            items = []
+            for s in free:
+                if next_episode >= episodes:
+                    slots[s] = _Slot()
+                    continue
+                j = next_episode
+                next_episode += 1
+                slots[s] = _Slot(episode=j)
+                items.append((s, episode_seed(seed, j), limit, frame_skip if j < video_episodes else 0))
+            for s, (obs, frames) in self._dispatch("reset", items).items():
+                slots[s].obs = obs
+                slots[s].frames.extend(frames)
+
+        try:
+            start_episodes(list(range(self.num_envs)))
+            while True:
+                live = [s for s in range(self.num_envs) if slots[s].episode is not None]
+                if not live:
+                    break
+                for row, s in enumerate(live):
+                    batch[row] = slots[s].obs
+                batch[len(live) :] = batch[0]
+                key = keys(
+                    calls,
+                    np.array([slots[s].episode for s in live], np.uint32),
+                    np.array([slots[s].queries for s in live], np.uint32),
+                )
+                chunks = check_actions(policy(batch, key), batch_size, self.action_dim, len(live), horizon)
+                horizon = chunks.shape[1]
+                calls += 1
+                outcome = self._dispatch("run", [(s, chunks[row]) for row, s in enumerate(live)])
+                finished = []
+                for s in live:
+                    obs, reward_sum, taken, done, success, frames = outcome[s]
+                    slot = slots[s]
+                    slot.obs = obs
+                    slot.ret += reward_sum
+                    slot.length += taken
+                    slot.queries += 1
+                    slot.frames.extend(frames)
+                    if done:
+                        j = slot.episode
+                        results[j] = EpisodeResult(
+                            j, episode_seed(seed, j), success, slot.ret, slot.length, slot.queries
+                        )
+                        if slot.frames:
+                            videos[j] = np.stack(slot.frames)
+                        finished.append(s)
+                        if bar is not None:
+                            bar.update(1)
+                if finished:
+                    start_episodes(finished)
+        finally:
+            if bar is not None:
+                bar.close()
+        wall = time.perf_counter() - start
+        ordered = tuple(results[j] for j in range(episodes))
+        return EvalResult(self.env_id, summarize(ordered, wall, calls, setup_time), ordered, videos)
+
+    def close(self) -> None:
+        """Close the environments and stop the worker processes."""
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _progress_bar(total: int, env_id: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"eval {env_id}", unit="ep", dynamic_ncols=True)
+
+
+def evaluate(
+    policy: Policy,
+    env_name: str,
+    *,
+    episodes: int = 50,
+    seed: int = 0,
+    num_envs: int | None = None,
+    workers: int = 1,
+    batch_size: int | None = None,
+    key_mode: KeyMode = "call",
+    max_episode_steps: int | None = None,
+    video_episodes: int = 0,
+    frame_skip: int = 3,
+    render_size: tuple[int, int] = (200, 200),
+    env_kwargs: dict | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate ``policy`` for ``episodes`` episodes in a fresh :class:`Evaluator`; see :meth:`Evaluator.run`.
+
+    ``num_envs`` defaults to ``min(episodes, 2 * workers)``.
+    """
+    _check_positive("episodes", episodes)
+    if num_envs is None and isinstance(workers, int) and workers >= 1:
+        num_envs = max(workers, min(episodes, 2 * workers))
+    with Evaluator(
+        env_name, num_envs=num_envs, workers=workers, render_size=render_size, env_kwargs=env_kwargs
+    ) as evaluator:
+        return evaluator.run(
+            policy,
+            episodes=episodes,
+            seed=seed,
+            batch_size=batch_size,
+            key_mode=key_mode,
+            max_episode_steps=max_episode_steps,
+            video_episodes=video_episodes,
+            frame_skip=frame_skip,
+            progress=progress,
+        )

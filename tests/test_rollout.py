@@ -1,0 +1,270 @@
+"""Batched rollouts against a plain sequential loop, on the real cube-single task with a scripted oracle policy."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium
+import imageio.v3 as iio
+import jax
+import numpy as np
+import pytest
+
+from stages.core.rollout import (
+    Evaluator,
+    episode_seed,
+    evaluate,
+    resolve_env_id,
+    wilson_interval,
+)
+from stages.core.video import write_gif
+
+TASK = "cube-single-play-singletask-task2-v0"
+ENV_ID = "cube-single-singletask-task2-v0"
+CENTER = np.array([0.425, 0.0, 0.0])
+TARGET = np.array([0.50, 0.0, 0.02])  # task2's goal cube position
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A scripted policy that solves cube-single from the state observation (OGBench's Markov cube oracle, phases 1-6,
+# reading effector/gripper/cube state from the observation instead of the privileged info dict).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _shortest_yaw(eff_yaw: float, obj_yaw: float) -> float:
+    symmetries = obj_yaw + np.arange(-4, 5) * np.pi / 2
+    return float(symmetries[np.argmin(np.abs(eff_yaw - symmetries))])
+
+
+def _toward(diff: np.ndarray, min_norm: float = 0.4) -> np.ndarray:
+    norm = np.linalg.norm(diff)
+    return diff if norm >= min_norm else diff / (norm + 1e-6) * min_norm
+
+
+def oracle_action(ob: np.ndarray) -> np.ndarray:
+    """One oracle action from a cube-single state observation (28 dims)."""
+    eff = ob[12:15] / 10 + CENTER
+    eff_yaw = float(np.arctan2(ob[16], ob[15]))
+    block = ob[19:22] / 10 + CENTER
+    block_yaw = _shortest_yaw(eff_yaw, float(np.arctan2(ob[27], ob[26])))
+    target_yaw = _shortest_yaw(eff_yaw, 0.0)
+    lift = np.array([0.0, 0.0, 0.18])
+    closed, above = ob[18] > 0.5, eff[2] > 0.16
+    if np.linalg.norm(block[:2] - eff[:2]) > 0.04:
+        goal, yaw, grip = block + lift, block_yaw - eff_yaw, -1.0
+    elif np.linalg.norm(block - eff) > 0.02:
+        goal, yaw, grip = block, block_yaw - eff_yaw, -1.0
+    elif not closed:
+        goal, yaw, grip = block, block_yaw - eff_yaw, 1.0
+    elif np.linalg.norm(TARGET[:2] - block[:2]) > 0.04:
+        goal = TARGET + lift if above else np.array([block[0], block[1], 0.36])
+        yaw, grip = target_yaw - block_yaw, 1.0
+    else:
+        goal, yaw, grip = TARGET, target_yaw - block_yaw, 1.0
+    action = np.zeros(5)
+    action[:3] = _toward(goal - eff) * 5
+    action[3], action[4] = yaw * 3, grip
+    return np.clip(action, -1, 1)
+
+
+def oracle_chunk(ob: np.ndarray, h: int) -> np.ndarray:
+    """A chunk of h actions: the oracle action, fading out along the chunk (so every position matters)."""
+    return oracle_action(ob)[None, :] * np.linspace(1.0, 0.6, h)[:, None]
+
+
+class OraclePolicy:
+    """Batched oracle chunks; counts its calls. With ``noise`` it adds per-row noise drawn from row keys."""
+
+    def __init__(self, h: int, noise: float = 0.0):
+        self.h, self.noise, self.calls = h, noise, 0
+        self._normal = jax.jit(jax.vmap(lambda k: jax.random.normal(k, (h, 5))))
+
+    def __call__(self, observations: np.ndarray, key) -> np.ndarray:
+        self.calls += 1
+        chunks = np.stack([oracle_chunk(ob.astype(np.float64), self.h) for ob in observations])
+        if self.noise:
+            chunks = chunks + self.noise * np.asarray(self._normal(key))
+        return chunks.astype(np.float32)
+
+
+def sequential_rollout(env, chunk_fn, seed: int, episodes: int, limit: int) -> list[tuple[bool, float, int]]:
+    """The plain way: one episode at a time, chunks executed open-loop. Returns (success, return, length) each."""
+    out = []
+    for j in range(episodes):
+        s = episode_seed(seed, j)
+        env.unwrapped.action_space.seed(s)
+        obs, _ = env.reset(seed=s)
+        ret, length, done, success = 0.0, 0, False, False
+        while not done:
+            for action in np.clip(chunk_fn(obs.astype(np.float32).astype(np.float64)), -1, 1):
+                obs, reward, terminated, truncated, info = env.step(action)
+                ret, length, success = ret + reward, length + 1, bool(info["success"])
+                done = terminated or truncated or length >= limit
+                if done:
+                    break
+        out.append((success, ret, length))
+    return out
+
+
+def outcomes(result) -> list[tuple[bool, float, int]]:
+    return [(e.success, e.episode_return, e.length) for e in result.episodes]
+
+
+@pytest.fixture(scope="module")
+def local():
+    with Evaluator(TASK, num_envs=2, workers=1) as evaluator:
+        yield evaluator
+
+
+@pytest.fixture(scope="module")
+def plain_env():
+    env = gymnasium.make(ENV_ID)
+    yield env
+    env.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Episodes, success accounting, chunks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_matches_sequential_loop_with_successes_and_failures(local, plain_env):
+    # h=1 oracle solves task2 in ~38-47 steps; a 42-step cap makes some episodes succeed and some time out.
+    result = local.run(OraclePolicy(h=1), episodes=4, seed=1, max_episode_steps=42)
+    expected = sequential_rollout(plain_env, lambda ob: oracle_chunk(ob, 1), seed=1, episodes=4, limit=42)
+    assert outcomes(result) == expected
+    successes = [s for s, _, _ in expected]
+    assert any(successes) and not all(successes), "the cap should split successes and time-outs"
+    for e in result.episodes:
+        assert e.success == (e.length < 42)  # an episode ends early only on success
+        assert e.episode_return == -(e.length - 1 if e.success else e.length)  # reward 0 on the success step
+    summary = result.summary
+    assert summary.episodes == 4 and [e.episode for e in result.episodes] == [0, 1, 2, 3]
+    assert summary.successes == sum(successes) and summary.success_rate == sum(successes) / 4
+    assert summary.success_ci95 == pytest.approx(wilson_interval(sum(successes), 4))
+    assert summary.env_steps == sum(length for _, _, length in expected)
+    assert summary.mean_length == pytest.approx(np.mean([length for _, _, length in expected]))
+
+
+def test_chunks_run_open_loop_and_query_once_per_chunk(local, plain_env):
+    policy = OraclePolicy(h=5)
+    result = local.run(policy, episodes=3, seed=1, max_episode_steps=123)
+    expected = sequential_rollout(plain_env, lambda ob: oracle_chunk(ob, 5), seed=1, episodes=3, limit=123)
+    assert outcomes(result) == expected
+    for e in result.episodes:
+        assert e.policy_queries == math.ceil(e.length / 5)
+    assert result.summary.policy_calls == policy.calls
+    assert policy.calls < sum(e.policy_queries for e in result.episodes)  # both envs were queried together
+
+
+def test_single_env_calls_policy_ceil_length_over_h_times(local):
+    policy = OraclePolicy(h=5)
+    result = local.run(policy, episodes=1, seed=2, max_episode_steps=33)
+    (episode,) = result.episodes
+    assert policy.calls == math.ceil(episode.length / 5) == episode.policy_queries
+
+
+def test_same_results_for_any_num_envs_and_workers(local):
+    kwargs = {"episodes": 5, "seed": 3, "key_mode": "row", "max_episode_steps": 60}
+    in_process = local.run(OraclePolicy(h=2, noise=0.3), **kwargs)
+    with Evaluator(TASK, num_envs=3, workers=2) as spread:
+        assert spread.workers == 2
+        across = spread.run(OraclePolicy(h=2, noise=0.3), **kwargs)
+        again = spread.run(OraclePolicy(h=2, noise=0.3), **kwargs)
+    assert outcomes(across) == outcomes(in_process) == outcomes(again)
+    assert [e.seed for e in across.episodes] == [episode_seed(3, j) for j in range(5)]
+    assert len({e.length for e in across.episodes}) > 1, "noise should make episodes differ"
+    other_seed = local.run(OraclePolicy(h=2, noise=0.3), **{**kwargs, "seed": 4})
+    assert outcomes(other_seed) != outcomes(in_process)
+
+
+def test_actions_are_clipped(local):
+    # A policy far outside [-1, 1] must act exactly like its clipped twin.
+    big = local.run(lambda obs, key: np.full((2, 3, 5), 7.0, np.float32), episodes=2, max_episode_steps=9)
+    ones = local.run(lambda obs, key: np.ones((2, 3, 5), np.float32), episodes=2, max_episode_steps=9)
+    assert outcomes(big) == outcomes(ones)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Clear errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        (np.zeros((2, 5), np.float32), r"shape \(2, 5\), expected \(2, h, 5\)"),
+        (np.zeros((2, 4, 3), np.float32), r"shape \(2, 4, 3\), expected \(2, h, 5\)"),
+        (np.zeros((1, 4, 5), np.float32), r"shape \(1, 4, 5\), expected \(2, h, 5\)"),
+        (np.zeros((2, 4, 5), np.int32), r"dtype int32"),
+        (np.full((2, 4, 5), np.nan, np.float32), r"non-finite action \(row 0"),
+    ],
+)
+def test_bad_policy_output_is_named(local, output, message):
+    with pytest.raises(ValueError, match=message):
+        local.run(lambda obs, key: output, episodes=1, max_episode_steps=5)
+
+
+def test_changing_chunk_length_is_an_error(local):
+    lengths = iter([3, 4])
+    with pytest.raises(ValueError, match="chunks of length 4, but earlier calls returned 3"):
+        local.run(
+            lambda obs, key: np.zeros((2, next(lengths), 5), np.float32), episodes=2, max_episode_steps=9
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 1}, "batch_size must be an integer >= num_envs"),
+        ({"max_episode_steps": 201}, "exceeds the time limit"),
+        ({"episodes": 0}, "episodes must be a positive integer"),
+        ({"key_mode": "episode"}, "key_mode must be 'call' or 'row'"),
+        ({"video_episodes": 3, "episodes": 2}, "video_episodes must be"),
+    ],
+)
+def test_bad_run_arguments(local, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        local.run(OraclePolicy(h=1), **kwargs)
+
+
+def test_bad_evaluator_arguments():
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        evaluate(OraclePolicy(h=1), TASK, workers=0)
+    with pytest.raises(ValueError, match="unknown OGBench environment 'cube-single-singletask-task9-v0'"):
+        Evaluator("cube-single-singletask-task9-v0")
+
+
+def test_env_names_resolve():
+    assert resolve_env_id(TASK) == ENV_ID
+    assert resolve_env_id(ENV_ID) == ENV_ID
+    assert resolve_env_id("puzzle-3x3-play-singletask-v0") == "puzzle-3x3-singletask-v0"
+
+
+def test_wilson_interval_and_seeds():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(50, 50) == pytest.approx((0.9287, 1.0), abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+    seeds = [episode_seed(0, j) for j in range(100)] + [episode_seed(1, j) for j in range(100)]
+    assert len(set(seeds)) == 200 and episode_seed(0, 7) == episode_seed(0, 7)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Video
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_video_frames_and_gif(local, tmp_path):
+    result = local.run(OraclePolicy(h=5), episodes=2, max_episode_steps=10, video_episodes=1, frame_skip=4)
+    assert set(result.videos) == {0}
+    frames = result.videos[0]
+    assert frames.shape == (4, 200, 200, 3) and frames.dtype == np.uint8  # reset, steps 4 and 8, last step 10
+    assert not np.array_equal(frames[0], frames[-1]), "the arm moves between the first and last frame"
+    path = write_gif(tmp_path / "sub" / "rollout.gif", frames, fps=10)
+    back = iio.imread(path, index=None)
+    assert back.shape[:3] == (4, 200, 200)
+    assert [p.name for p in path.parent.iterdir()] == ["rollout.gif"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="no frames"):
+        write_gif(tmp_path / "empty.gif", [])
