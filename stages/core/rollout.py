@@ -8,9 +8,10 @@ Pure library: knows nothing of the project's files or params. The public entry p
 
 How the episodes are run
 ------------------------
-``num_envs`` environments run side by side, spread round-robin over ``workers`` processes (``workers=1`` steps them in
-this process). Every environment holds one episode at a time; when it finishes, it takes the next episode not yet
-started (the order is fixed by episode lengths, hence reproducible). Episode ``j`` is reset with
+``num_envs`` environments run side by side, spread round-robin over ``workers`` processes: this one and
+``workers - 1`` worker processes (fresh interpreters talking over socket pairs), all stepping their envs at once.
+Every environment holds one episode at a time; when it finishes, it takes the next episode not yet started (the
+order is fixed by episode lengths, hence reproducible). Episode ``j`` is reset with
 ``episode_seed(seed, j)``, so which environment or worker runs it does not matter.
 
 The policy is called on a batch of observations and returns action chunks ``(n, h, d)``. Chunks are executed
@@ -29,13 +30,17 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 import time
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import numpy as np
@@ -282,23 +287,30 @@ class _EnvGroup:
             env.close()
 
 
-def _worker_main(conn, env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict) -> None:
-    """Worker process loop: owns an :class:`_EnvGroup` and answers (command, payload) messages."""
+def _serve(conn, group: _EnvGroup) -> None:
+    """Answer (command, payload) messages for ``group`` until 'close' or the parent goes away."""
+    while True:
+        command, payload = conn.recv()
+        if command == "close":
+            return
+        if command == "reset":
+            conn.send(("ok", group.reset(payload)))
+        elif command == "run":
+            conn.send(("ok", group.run_chunks(payload)))
+        else:
+            conn.send(("error", f"unknown command {command!r}"))
+
+
+def _worker_entry(fd: int) -> None:
+    """Entry point of a worker process: receive its configuration on ``fd``, build the envs, serve commands."""
     os.environ.setdefault("MUJOCO_GL", "egl")
+    conn = Connection(fd)
     group = None
     try:
+        env_id, count, render_size, env_kwargs = conn.recv()
         group = _EnvGroup(env_id, count, render_size, env_kwargs)
         conn.send(("ok", group.spaces()))
-        while True:
-            command, payload = conn.recv()
-            if command == "close":
-                break
-            if command == "reset":
-                conn.send(("ok", group.reset(payload)))
-            elif command == "run":
-                conn.send(("ok", group.run_chunks(payload)))
-            else:
-                conn.send(("error", f"unknown command {command!r}"))
+        _serve(conn, group)
     except (EOFError, KeyboardInterrupt):
         pass
     except Exception:  # noqa: BLE001 -- any failure is reported to the parent, which raises it
@@ -310,69 +322,76 @@ def _worker_main(conn, env_id: str, count: int, render_size: tuple[int, int], en
         conn.close()
 
 
-class _LocalBackend:
-    """All environments in this process."""
-
-    def __init__(self, env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict):
-        self.group = _EnvGroup(env_id, count, render_size, env_kwargs)
-        self.workers = 1
-
-    def spaces(self) -> dict:
-        return self.group.spaces()
-
-    def call(self, command: str, per_worker: list[list]) -> list[list]:
-        method = self.group.reset if command == "reset" else self.group.run_chunks
-        return [method(per_worker[0]) if per_worker[0] else []]
-
-    def close(self) -> None:
-        self.group.close()
+_WORKER_CODE = "import sys; from stages.core.rollout import _worker_entry; _worker_entry(int(sys.argv[1]))"
 
 
-def _close_processes(conns: list, procs: list) -> None:
+def _start_worker(config: tuple) -> tuple[Connection, subprocess.Popen]:
+    """Start a worker process running :func:`_worker_entry` on one end of a socket pair; send it ``config``.
+
+    A fresh interpreter (not multiprocessing's spawn, which re-imports the caller's ``__main__``) that imports this
+    very copy of the package, so a worker never pays for the caller's imports.
+    """
+    parent_sock, child_sock = socket.socketpair()
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_CODE, str(child_sock.fileno())],
+            pass_fds=(child_sock.fileno(),),
+            env=env,
+        )
+    finally:
+        child_sock.close()
+    conn = Connection(parent_sock.detach())
+    conn.send(config)
+    return conn, proc
+
+
+def _stop_workers(conns: list[Connection], procs: list[subprocess.Popen]) -> None:
+    """Ask workers to close, wait for them, and terminate any that do not exit."""
     for conn in conns:
         with contextlib.suppress(OSError):
             conn.send(("close", None))
     for proc in procs:
-        proc.join(timeout=10)
-        if proc.is_alive():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             proc.terminate()
-            proc.join(timeout=5)
+            proc.wait(timeout=5)
     for conn in conns:
         conn.close()
 
 
-class _ProcessBackend:
-    """Environments spread over worker processes (spawned, so safe next to JAX's threads)."""
+class _Backend:
+    """Environment groups: group 0 in this process, groups 1.. in worker processes, stepped concurrently."""
 
     def __init__(self, env_id: str, counts: list[int], render_size: tuple[int, int], env_kwargs: dict):
-        ctx = mp.get_context("spawn")
-        self.workers = len(counts)
-        self.conns, self.procs = [], []
-        for count in counts:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker_main, args=(child, env_id, count, render_size, env_kwargs), daemon=True
-            )
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
-        self._finalizer = weakref.finalize(self, _close_processes, self.conns, self.procs)
+        self.conns: list[Connection] = []
+        self.procs: list[subprocess.Popen] = []
+        self.broken = False
+        self._finalizer = weakref.finalize(self, _stop_workers, self.conns, self.procs)
         try:
-            self._spaces = [self._receive(w) for w in range(self.workers)][0]  # noqa: RUF015 (receive from all)
+            for count in counts[1:]:  # start the workers first: they build their envs while this process does
+                conn, proc = _start_worker((env_id, count, render_size, env_kwargs))
+                self.conns.append(conn)
+                self.procs.append(proc)
+            self.local = _EnvGroup(env_id, counts[0], render_size, env_kwargs)
+            self._spaces = self.local.spaces()
+            for w in range(1, len(counts)):
+                self._receive(w)
         except BaseException:
             self.close()
             raise
 
     def _receive(self, worker: int):
         try:
-            status, payload = self.conns[worker].recv()
+            status, payload = self.conns[worker - 1].recv()
         except EOFError:
-            self.procs[worker].join(timeout=5)
-            code = self.procs[worker].exitcode
+            proc = self.procs[worker - 1]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
             raise RuntimeError(
-                f"rollout worker {worker} died (exit code {code}); see its traceback above. Workers are spawned: a "
-                "script that starts them needs an `if __name__ == '__main__':` guard"
+                f"rollout worker {worker} died (exit code {proc.returncode}); see its output above"
             ) from None
         if status != "ok":
             raise RuntimeError(f"rollout worker {worker} failed:\n{payload}")
@@ -382,16 +401,32 @@ class _ProcessBackend:
         return self._spaces
 
     def call(self, command: str, per_worker: list[list]) -> list[list]:
-        busy = [w for w, items in enumerate(per_worker) if items]
-        for w in busy:
-            self.conns[w].send((command, per_worker[w]))
-        results: list[list] = [[] for _ in per_worker]
-        for w in busy:
-            results[w] = self._receive(w)
+        """Run ``command`` with each group's items: remote groups first (sent), then the local one, then collect.
+
+        Any failure here leaves replies in flight or envs mid-chunk, so the backend is marked broken.
+        """
+        if self.broken:
+            raise RuntimeError("an earlier environment step failed; close this Evaluator and make a new one")
+        try:
+            busy = [w for w in range(1, len(per_worker)) if per_worker[w]]
+            for w in busy:
+                self.conns[w - 1].send((command, per_worker[w]))
+            results: list[list] = [[] for _ in per_worker]
+            if per_worker[0]:
+                method = self.local.reset if command == "reset" else self.local.run_chunks
+                results[0] = method(per_worker[0])
+            for w in busy:
+                results[w] = self._receive(w)
+        except BaseException:
+            self.broken = True
+            raise
         return results
 
     def close(self) -> None:
         self._finalizer()
+        if getattr(self, "local", None) is not None:
+            self.local.close()
+            self.local = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -490,7 +525,8 @@ class Evaluator:
     Args:
         env_name: env id or task name (see :func:`resolve_env_id`).
         num_envs: environments run side by side (default ``2 * workers``); also the default padded batch size.
-        workers: processes stepping the environments; 1 steps them in this process, more spawn worker processes.
+        workers: processes stepping the environments, this one included: ``workers - 1`` worker processes are
+            started, and this process steps its share of the environments while they step theirs.
         render_size: (width, height) of rendered video frames.
         env_kwargs: extra keyword arguments for ``gymnasium.make``.
 
@@ -521,12 +557,7 @@ class Evaluator:
         start = time.perf_counter()
         kwargs = dict(env_kwargs or {})
         size = (int(render_size[0]), int(render_size[1]))
-        if workers == 1:
-            self._backend: _LocalBackend | _ProcessBackend = _LocalBackend(
-                self.env_id, num_envs, size, kwargs
-            )
-        else:
-            self._backend = _ProcessBackend(self.env_id, _split_round_robin(num_envs, workers), size, kwargs)
+        self._backend = _Backend(self.env_id, _split_round_robin(num_envs, workers), size, kwargs)
         info = self._backend.spaces()
         self.obs_shape: tuple[int, ...] = info["obs_shape"]
         self.obs_dtype = np.dtype(info["obs_dtype"])

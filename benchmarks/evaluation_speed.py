@@ -1,0 +1,287 @@
+"""Evaluation speed: the reference's evaluation loop against ``stages.core.rollout``, same policy, same episodes.
+
+(a) reference way (as in the RQL reference's ``utils/evaluation.py`` + ``envs/env_utils.py``): one env, one episode
+    at a time; the policy is called at EVERY env step with a batch of one (a fresh key split each time), and an
+    action-chunking wrapper executes the chunk from the call at the chunk's start, ignoring the calls inside it;
+    per-step transition and info bookkeeping as the reference does.
+(b) this project's way: ``rollout.Evaluator`` -- ``num_envs`` envs over ``workers`` processes, one batched, padded
+    policy call per chunk.
+
+The policy is a flow policy: F Euler steps of an MLP velocity field v(obs, x, t) producing an (h, d) action chunk,
+jitted with JAX, randomly initialised (its success rate is ~0; the point is the cost of a real-sized network). Both
+ways use the same parameters and both are compiled before timing. Env creation (and worker start) is timed apart.
+
+    MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py            # 50 episodes, ~2-3 minutes
+    MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py --episodes 10 --hidden 256,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stages.core.rollout import Evaluator, episode_seed, resolve_env_id, wilson_interval
+
+# --------------------------------------------------------------------------------------------------------------------
+# A small self-contained flow policy
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def init_mlp(key: jax.Array, sizes: list[int]) -> list[tuple[jax.Array, jax.Array]]:
+    """LeCun-normal weights, zero biases."""
+    params = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        key, sub = jax.random.split(key)
+        params.append((jax.random.normal(sub, (fan_in, fan_out)) / np.sqrt(fan_in), jnp.zeros(fan_out)))
+    return params
+
+
+def mlp(params, x: jax.Array) -> jax.Array:
+    for w, b in params[:-1]:
+        x = jax.nn.gelu(x @ w + b)
+    w, b = params[-1]
+    return x @ w + b
+
+
+def flow_actions(params, observations: jax.Array, noise: jax.Array, flow_steps: int) -> jax.Array:
+    """Euler integration of the velocity field from noise at t=0 to actions at t=1, clipped to [-1, 1]."""
+    x = noise
+    for i in range(flow_steps):
+        t = jnp.full((*observations.shape[:-1], 1), i / flow_steps)
+        x = x + mlp(params, jnp.concatenate([observations, x, t], axis=-1)) / flow_steps
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def make_policies(obs_dim: int, action_dim: int, h: int, hidden: list[int], flow_steps: int, seed: int):
+    """The same flow policy twice: the reference's single-observation ``sample_actions`` and a batched one.
+
+    Parameters are passed to the jitted functions as arguments (as an agent's are), not baked in as constants.
+    """
+    params = init_mlp(jax.random.PRNGKey(seed), [obs_dim + h * action_dim + 1, *hidden, h * action_dim])
+
+    @jax.jit
+    def sample_one(
+        params, obs: jax.Array, key: jax.Array
+    ) -> jax.Array:  # like the reference: (obs,) -> (h, d)
+        _, noise_key = jax.random.split(key)
+        obs = jnp.atleast_2d(obs)[-1:]
+        noise = jax.random.normal(noise_key, (1, h * action_dim))
+        return flow_actions(params, obs, noise, flow_steps)[0].reshape(h, action_dim)
+
+    @jax.jit
+    def sample_batch(params, observations: jax.Array, key: jax.Array) -> jax.Array:  # (n, obs) -> (n, h, d)
+        noise = jax.random.normal(key, (observations.shape[0], h * action_dim))
+        return flow_actions(params, observations, noise, flow_steps).reshape(-1, h, action_dim)
+
+    return partial(sample_one, params), partial(sample_batch, params)
+
+
+def env_step_floor(env_id: str, steps: int = 300) -> float:
+    """Seconds per bare ``env.step`` (random actions, no policy): the cost no evaluation loop can avoid."""
+    env = gymnasium.make(env_id)
+    env.reset(seed=0)
+    actions = np.random.default_rng(0).uniform(-1, 1, (steps, *env.action_space.shape))
+    start = time.perf_counter()
+    for action in actions:
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            env.reset()
+    per_step = (time.perf_counter() - start) / steps
+    env.close()
+    return per_step
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (a) The reference's evaluation loop
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class StepMonitor(gymnasium.Wrapper):
+    """Episode return/length bookkeeping and per-step info filtering, as the reference's episode monitor does."""
+
+    def __init__(self, env, drop=(r".*privileged.*", r".*proprio.*")):
+        super().__init__(env)
+        self.drop = [re.compile(p) for p in drop]
+        self.ret, self.length = 0.0, 0
+
+    def reset(self, **kwargs):
+        self.ret, self.length = 0.0, 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        for key in [k for k in info if any(p.match(k) for p in self.drop)]:
+            del info[key]
+        self.ret += reward
+        self.length += 1
+        if terminated or truncated:
+            info["episode"] = {"return": self.ret, "length": self.length}
+        return obs, reward, terminated, truncated, info
+
+
+class ChunkQueue(gymnasium.Wrapper):
+    """Takes a whole chunk at every step but only uses it when its queue of actions is empty (the reference's way)."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.queue: list[np.ndarray] = []
+
+    def reset(self, **kwargs):
+        self.queue.clear()
+        return self.env.reset(**kwargs)
+
+    def step(self, chunk):
+        if not self.queue:
+            self.queue.extend(chunk)
+        return self.env.step(self.queue.pop(0))
+
+
+def reference_way(env, sample_one, episodes: int, seed: int, progress: bool) -> dict:
+    """One episode at a time, a policy call at every step; returns outcomes and counts."""
+    rng = jax.random.PRNGKey(seed)
+    successes, lengths, returns, calls = [], [], [], 0
+    start = time.perf_counter()
+    for j in _maybe_tqdm(range(episodes), progress, "reference"):
+        s = episode_seed(seed, j)
+        env.unwrapped.action_space.seed(s)
+        obs, _ = env.reset(seed=s)
+        traj = defaultdict(list)
+        done = False
+        while not done:
+            rng, key = jax.random.split(rng)
+            chunk = np.clip(np.array(sample_one(obs, key)), -1, 1)
+            calls += 1
+            next_obs, reward, terminated, truncated, info = env.step(chunk)
+            done = terminated or truncated
+            transition = {"observation": obs, "next_observation": next_obs, "action": chunk, "reward": reward}
+            for k, v in {**transition, "done": done, "info": info}.items():
+                traj[k].append(v)
+            obs = next_obs
+        successes.append(bool(info["success"]))
+        lengths.append(info["episode"]["length"])
+        returns.append(info["episode"]["return"])
+    wall = time.perf_counter() - start
+    return {"wall": wall, "successes": successes, "lengths": lengths, "returns": returns, "calls": calls}
+
+
+def _maybe_tqdm(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, unit="ep")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", default="cube-single-play-singletask-task2-v0")
+    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2, help="worker processes for (b); 1 = in process")
+    parser.add_argument("--num-envs", type=int, default=None, help="envs for (b); default 2 * workers")
+    parser.add_argument("--hidden", default="512,512,512,512", help="MLP hidden sizes, comma-separated")
+    parser.add_argument("--flow-steps", type=int, default=10)
+    parser.add_argument("--horizon", type=int, default=5, help="action chunk length h")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true", help="tqdm progress bars")
+    return parser.parse_args(argv)
+
+
+def line(name: str, wall: float, episodes: int, steps: int, calls: int, successes: int, setup: float) -> str:
+    low, high = wilson_interval(successes, episodes)
+    return (
+        f"{name:<22} {wall:8.2f} s  {episodes / wall:7.2f} ep/s  {steps / wall:8.0f} steps/s  {calls:7d} calls  "
+        f"success {successes}/{episodes} [{low:.2f}, {high:.2f}]  (env setup {setup:.1f} s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    hidden = [int(x) for x in args.hidden.split(",") if x]
+    env_id = resolve_env_id(args.task)
+    print(
+        f"{env_id}: {args.episodes} episodes, flow policy {'x'.join(map(str, hidden))} MLP, F={args.flow_steps}, "
+        f"h={args.horizon}; jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs"
+    )
+
+    # (b) first (its workers start before anything else runs); both policies are compiled before timing.
+    start = time.perf_counter()
+    evaluator = Evaluator(env_id, num_envs=args.num_envs, workers=args.workers)
+    setup_b = time.perf_counter() - start
+    with evaluator:
+        obs_dim, action_dim = int(np.prod(evaluator.obs_shape)), evaluator.action_dim
+        sample_one, sample_batch = make_policies(
+            obs_dim, action_dim, args.horizon, hidden, args.flow_steps, args.seed
+        )
+        warm = np.zeros((evaluator.num_envs, obs_dim), np.float32)
+        key = jax.random.PRNGKey(0)
+        sample_batch(warm, key).block_until_ready()
+        sample_one(warm[0], key).block_until_ready()
+        result = evaluator.run(sample_batch, episodes=args.episodes, seed=args.seed, progress=args.progress)
+
+    start = time.perf_counter()
+    env = ChunkQueue(StepMonitor(gymnasium.make(env_id)))
+    env.reset(seed=0)
+    setup_a = time.perf_counter() - start
+    ref = reference_way(env, sample_one, args.episodes, args.seed, args.progress)
+    env.close()
+
+    floor = env_step_floor(env_id)
+    s = result.summary
+    print(
+        line(
+            "(a) reference way",
+            ref["wall"],
+            args.episodes,
+            sum(ref["lengths"]),
+            ref["calls"],
+            sum(ref["successes"]),
+            setup_a,
+        )
+    )
+    print(
+        line(
+            f"(b) rollout {evaluator.num_envs}env/{evaluator.workers}w",
+            s.wall_time_s,
+            s.episodes,
+            s.env_steps,
+            s.policy_calls,
+            s.successes,
+            setup_b,
+        )
+    )
+    print(
+        f"speedup: {ref['wall'] / s.wall_time_s:.2f}x rollout time, "
+        f"{(ref['wall'] + setup_a) / (s.wall_time_s + setup_b):.2f}x including env setup; "
+        f"mean length {np.mean(ref['lengths']):.1f} vs {s.mean_length:.1f}"
+    )
+    ref_step = ref["wall"] / sum(ref["lengths"])
+    print(
+        f"bound: a bare env.step takes {floor * 1e3:.2f} ms here and (a) {ref_step * 1e3:.2f} ms per step, so with "
+        f"{evaluator.workers} busy cores (b) can be at most ~{ref_step / floor * evaluator.workers:.1f}x faster"
+    )
+
+
+if __name__ == "__main__":
+    main()
