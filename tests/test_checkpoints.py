@@ -1,0 +1,344 @@
+"""Training-state checkpoints (Orbax) and the byte-stable policy export."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import struct
+
+from stages.core import checkpoints as C
+
+ROOT = Path(__file__).parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A toy training loop whose state has everything a real one has
+
+
+class MLP(nn.Module):
+    hidden: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(1)(nn.gelu(nn.Dense(self.hidden)(x)))
+
+
+@struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any  # optax: tuple of namedtuples
+    target_params: Any
+    ema_params: Any
+    key: jax.Array  # typed key
+    raw_key: jax.Array  # legacy uint32 key
+    step: jax.Array
+
+
+TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+
+
+@functools.partial(jax.jit, static_argnames="hidden")
+def _init_state(seed: jax.Array, hidden: int) -> TrainState:
+    params = MLP(hidden).init(jax.random.key(seed), jnp.zeros((1, 3)))
+    return TrainState(
+        params=params,
+        opt_state=TX.init(params),
+        target_params=params,
+        ema_params=params,
+        key=jax.random.key(seed + 100),
+        raw_key=jax.random.PRNGKey(seed + 200),
+        step=jnp.asarray(0, jnp.int32),
+    )
+
+
+@functools.cache  # states are immutable; one compiled initialiser per width
+def init_state(seed: int, hidden: int = 8) -> TrainState:
+    return _init_state(jnp.asarray(seed, jnp.int32), hidden)
+
+
+@jax.jit
+def update(state: TrainState) -> TrainState:
+    key, k_x = jax.random.split(state.key)
+    raw_key, k_noise = jax.random.split(state.raw_key)
+    x = jax.random.normal(k_x, (16, 3))
+    y = x.sum(-1, keepdims=True) + 0.1 * jax.random.normal(k_noise, (16, 1))
+
+    def loss_fn(params):
+        return jnp.mean((MLP().apply(params, x) - y) ** 2)
+
+    grads = jax.grad(loss_fn)(state.params)
+    updates, opt_state = TX.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(
+        params=params,
+        opt_state=opt_state,
+        target_params=optax.incremental_update(params, state.target_params, 0.1),
+        ema_params=optax.incremental_update(params, state.ema_params, 0.01),
+        key=key,
+        raw_key=raw_key,
+        step=state.step + 1,
+    )
+
+
+def assert_states_equal(a: TrainState, b: TrainState) -> None:
+    def plain(tree):
+        return jax.tree.map(
+            lambda v: np.asarray(
+                jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v
+            ),
+            tree,
+        )
+
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(plain(a)), jax.tree_util.tree_leaves(plain(b)), strict=True
+    ):
+        assert x.dtype == y.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training state
+
+
+def test_resume_gives_exactly_the_same_state(tmp_path, monkeypatch):
+    n = 8
+    straight = init_state(0)
+    for _ in range(n):
+        straight = update(straight)
+
+    monkeypatch.chdir(tmp_path)  # a relative directory must work (Orbax needs absolute paths)
+    first = init_state(0)
+    with C.TrainCheckpointer("run/checkpoints", save_every=n // 2) as ckpt:
+        assert ckpt.directory == tmp_path / "run" / "checkpoints"
+        for step in range(1, n // 2 + 1):
+            first = update(first)
+            ckpt.save(step, first)
+        assert ckpt.all_steps() == [n // 2]
+    del first, ckpt
+
+    with C.TrainCheckpointer("run/checkpoints", save_every=n // 2) as ckpt:
+        # A different seed: every value must come from the checkpoint.
+        state, step = ckpt.resume(init_state(1))
+        assert step == n // 2 and int(state.step) == n // 2
+        assert jax.dtypes.issubdtype(state.key.dtype, jax.dtypes.prng_key)
+        assert isinstance(state.opt_state[1][0], optax.ScaleByAdamState)
+        assert ckpt.save(step, state) is False  # the resumed step already exists: skipped, no crash
+        for step in range(n // 2 + 1, n + 1):
+            state = update(state)
+            ckpt.save(step, state)
+        assert ckpt.latest_step() == n
+    assert_states_equal(straight, state)
+    assert not np.array_equal(
+        np.asarray(straight.params["params"]["Dense_0"]["kernel"]),
+        np.asarray(init_state(0).params["params"]["Dense_0"]["kernel"]),
+    )
+
+
+def test_resume_without_checkpoint_returns_init(tmp_path):
+    init = init_state(0)
+    with C.TrainCheckpointer(tmp_path / "ck", save_every=5) as ckpt:
+        state, step = ckpt.resume(init)
+        assert step is None and state is init
+        with pytest.raises(C.CheckpointError, match=f"no checkpoint in {tmp_path / 'ck'}"):
+            ckpt.restore(init)
+
+
+def test_save_schedule_and_retention(tmp_path):
+    state = init_state(0)
+    with C.TrainCheckpointer(tmp_path / "ck", save_every=5, max_to_keep=2) as ckpt:
+        # Steps advance by 3 updates per call: saves happen when a multiple of 5 is crossed.
+        written = [step for step in range(3, 15, 3) if ckpt.save(step, state)]
+        assert written == [6, 12]
+        assert ckpt.save(14, state, force=True)
+        assert ckpt.all_steps() == [12, 14]
+        assert ckpt.save(14, state, force=True) is False
+    with C.TrainCheckpointer(tmp_path / "ck", save_every=5, max_to_keep=2) as ckpt:
+        assert ckpt.save(14, state, force=True) is False  # existing step after reopening: skipped
+        assert ckpt.latest_step() == 14
+        with pytest.raises(C.CheckpointError, match=r"no checkpoint for step 3 .* \(have \[12, 14\]\)"):
+            ckpt.restore(state, step=3)
+
+
+def test_template_mismatch_names_directory_and_leaves(tmp_path):
+    directory = tmp_path / "ck"
+    with C.TrainCheckpointer(directory, save_every=1) as ckpt:
+        ckpt.save(1, init_state(0))
+        with pytest.raises(C.CheckpointMismatchError) as info:
+            ckpt.restore(init_state(0, hidden=16))
+        message = str(info.value)
+        assert f"checkpoint step 1 in {directory} does not match the template state" in message
+        assert "ema_params.params.Dense_1.kernel: file float32[3, 8] != template float32[3, 16]" in message
+        assert message.endswith("... and 7 more")
+
+        as_f16 = init_state(0).replace(step=jnp.asarray(0, jnp.float16))
+        with pytest.raises(C.CheckpointMismatchError, match=r"step: file int32\[\] != template float16\[\]"):
+            ckpt.restore(as_f16)
+
+        extra = init_state(0).replace(ema_params={"extra": jnp.zeros(2)})
+        with pytest.raises(
+            C.CheckpointMismatchError, match=r"ema_params\.extra: in the template, not in the file"
+        ):
+            ckpt.restore(extra)
+
+        # ShapeDtypeStructs are a valid template, typed keys included.
+        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), init_state(0))
+        assert_states_equal(ckpt.restore(abstract), init_state(0))
+
+
+def test_metadata_mismatch_refused(tmp_path):
+    with C.TrainCheckpointer(tmp_path / "ck", save_every=1, metadata={"alpha": 1.0, "agent": "rql"}) as ckpt:
+        ckpt.save(1, init_state(0))
+    with (
+        C.TrainCheckpointer(tmp_path / "ck", save_every=1, metadata={"alpha": 3.0, "agent": "rql"}) as ckpt,
+        pytest.raises(
+            C.CheckpointMismatchError, match=r"other metadata \(alpha: checkpoint 1\.0 != run 3\.0\)"
+        ),
+    ):
+        ckpt.resume(init_state(0))
+    with C.TrainCheckpointer(tmp_path / "ck", save_every=1, metadata={"agent": "rql", "alpha": 1}) as ckpt:
+        _, step = ckpt.resume(init_state(0))  # same values, any key order, int == float in JSON
+        assert step == 1
+
+
+def test_interrupted_save_is_never_latest(tmp_path):
+    """A process killed while Orbax commits step 4 (just before the rename): step 2 stays the latest."""
+    directory = tmp_path / "ck"
+    script = textwrap.dedent(
+        f"""
+        import os
+        import jax.numpy as jnp
+        from orbax.checkpoint._src.path import atomicity
+        from stages.core.checkpoints import TrainCheckpointer
+
+        state = {{"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(2, jnp.int32)}}
+        ckpt = TrainCheckpointer({str(directory)!r}, save_every=2)
+        ckpt.save(2, state)
+
+        async def die(self, *args, **kwargs):
+            os._exit(9)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = die
+        ckpt.save(4, {{"w": state["w"] + 1, "step": jnp.asarray(4, jnp.int32)}})
+        """
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=ROOT, env=env, capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    leftovers = [p.name for p in directory.iterdir() if p.name.startswith("4")]
+    assert leftovers and all(".orbax-checkpoint-tmp" in name for name in leftovers), leftovers
+
+    template = {"w": jnp.zeros((2, 3)), "step": jnp.asarray(0, jnp.int32)}
+    with C.TrainCheckpointer(directory, save_every=2) as ckpt:
+        assert ckpt.latest_step() == 2 and ckpt.all_steps() == [2]
+        state, step = ckpt.resume(template)
+        assert step == 2 and int(state["step"]) == 2
+        np.testing.assert_array_equal(state["w"], np.arange(6.0).reshape(2, 3))
+        assert not any(p.name.startswith("4") for p in directory.iterdir())  # leftover cleaned up
+        assert ckpt.save(4, {"w": state["w"] + 1, "step": jnp.asarray(4, jnp.int32)})
+        assert ckpt.latest_step() == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policy export
+
+META = {"agent": "rql", "obs_dim": 3, "action_dim": 1, "h": 5, "flow_steps": 10, "hidden": [8]}
+
+
+def test_export_is_byte_identical_and_round_trips(tmp_path):
+    params = init_state(0).params
+    sha_a = C.save_policy(tmp_path / "a.msgpack", params, META)
+    # Same values built independently, other dict order, numpy instead of jax, numpy scalar metadata.
+    rebuilt = jax.tree.map(lambda v: np.array(v), init_state(0).params)
+    rebuilt = {"params": dict(reversed(list(rebuilt["params"].items())))}
+    meta_b = {**dict(reversed(list(META.items()))), "obs_dim": np.int64(3), "hidden": (8,)}
+    sha_b = C.save_policy(tmp_path / "b.msgpack", rebuilt, meta_b)
+    assert (tmp_path / "a.msgpack").read_bytes() == (tmp_path / "b.msgpack").read_bytes()
+    assert sha_a == sha_b
+    assert sorted(os.listdir(tmp_path)) == ["a.msgpack", "b.msgpack"]  # no temp files left
+
+    loaded = C.load_policy(tmp_path / "a.msgpack", template=params, expected_metadata={"obs_dim": 3, "h": 5})
+    assert loaded.metadata == META
+    assert jax.tree_util.tree_structure(loaded.params) == jax.tree_util.tree_structure(params)
+    for x, y in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(params), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+    nested = C.load_policy(tmp_path / "a.msgpack").params
+    np.testing.assert_array_equal(nested["params"]["Dense_1"]["bias"], params["params"]["Dense_1"]["bias"])
+
+    changed = jax.tree.map(lambda v: v, params)
+    changed["params"]["Dense_1"]["bias"] = changed["params"]["Dense_1"]["bias"] + 1e-7
+    C.save_policy(tmp_path / "a.msgpack", changed, META)  # replaces the file atomically
+    assert (tmp_path / "a.msgpack").read_bytes() != (tmp_path / "b.msgpack").read_bytes()
+
+
+@pytest.fixture
+def policy_file(tmp_path):
+    path = tmp_path / "policy.msgpack"
+    C.save_policy(path, init_state(0).params, META)
+    return path
+
+
+def test_truncated_export(policy_file):
+    data = policy_file.read_bytes()
+    policy_file.write_bytes(data[:-10])
+    with pytest.raises(
+        C.PolicyFileError, match=rf"policy file {policy_file}: body is \d+ bytes, header says \d+: truncated"
+    ):
+        C.load_policy(policy_file)
+    policy_file.write_bytes(data[:20])
+    with pytest.raises(C.PolicyFileError, match=rf"policy file {policy_file}: 20 bytes, shorter than"):
+        C.load_policy(policy_file)
+
+
+def test_corrupt_export(policy_file):
+    data = bytearray(policy_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    policy_file.write_bytes(bytes(data))
+    with pytest.raises(C.PolicyFileError, match=rf"policy file {policy_file}: sha256 .* corrupt"):
+        C.load_policy(policy_file)
+
+
+def test_not_a_policy_or_other_version(policy_file):
+    data = policy_file.read_bytes()
+    policy_file.write_bytes(b"\x80\x04pickle" + data[14:])
+    with pytest.raises(C.PolicyFileError, match=rf"policy file {policy_file}: bad magic"):
+        C.load_policy(policy_file)
+    policy_file.write_bytes(data[:8] + (2).to_bytes(4, "little") + data[12:])
+    with pytest.raises(C.PolicyFileError, match=r"format version 2 != supported 1"):
+        C.load_policy(policy_file)
+
+
+def test_export_template_and_metadata_mismatch(policy_file):
+    with pytest.raises(
+        C.PolicyFileError,
+        match=rf"policy file {policy_file} does not match the template params: "
+        r"params/Dense_0/kernel: file float32\[8, 1\] != template float32\[16, 1\]",
+    ):
+        C.load_policy(policy_file, template=init_state(0, hidden=16).params)
+    with pytest.raises(C.PolicyFileError, match=r"metadata 'action_dim' is 1, expected 2"):
+        C.load_policy(policy_file, expected_metadata={"action_dim": 2})
+    with pytest.raises(C.PolicyFileError, match=r"metadata has no 'ensemble'"):
+        C.load_policy(policy_file, expected_metadata={"ensemble": 2})
+
+
+def test_export_rejects_what_it_cannot_store_exactly(tmp_path):
+    with pytest.raises(TypeError, match="PRNG key"):
+        C.save_policy(tmp_path / "p", {"k": jax.random.key(0)}, META)
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        C.save_policy(tmp_path / "p", {"w": np.zeros(2)}, {"when": object()})
+    with pytest.raises(ValueError, match="Out of range float values"):
+        C.save_policy(tmp_path / "p", {"w": np.zeros(2)}, {"x": float("nan")})
+    assert os.listdir(tmp_path) == []
