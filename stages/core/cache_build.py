@@ -1,0 +1,113 @@
+"""Building, refreshing and checking the reversal cache on the device.
+
+A cache row i is the whole virtual trajectory of the chunk that starts at dataset row i, reversed through a flow
+actor on the sampler's grid: x_0 ... x_F (x_F = the chunk, padded at the episode end as in training). These
+functions take a flow config (anything with ``obs_dim``, ``action_dim``, ``h``, ``flow_steps``, ``actor_hidden``,
+``actor_layer_norm``), the actor's params and a :class:`~stages.core.batches.DeviceDataset`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stages.core import flows
+from stages.core.agents.common import make_actor
+from stages.core.batches import DeviceDataset, chunks_at
+
+
+def _velocity(config, actor_params):
+    actor = make_actor(config)
+
+    def velocity(observations, x, t):
+        return actor.apply({"params": actor_params}, observations, x, t)
+
+    return velocity
+
+
+@partial(jax.jit, static_argnames=("config", "method", "iterations", "tolerance"))
+def reverse_rows(config, actor_params, data: DeviceDataset, rows: jax.Array, method: str, iterations: int,
+                 tolerance: float):
+    """Reverse the chunks starting at ``rows`` (B,): (trajectory (B, F + 1, h*d), round-trip error (B,), residual (B,)).
+
+    The round-trip error is max |sampler(x_0) - chunk| per row (sampler without its final clip): how well the
+    cached x_0 still maps onto the dataset chunk through this actor.
+    """
+    velocity = _velocity(config, actor_params)
+    batch = chunks_at(data, rows, config.h, 1.0)
+    s, chunk = batch["observations"], batch["actions"]
+    trajectory, info = flows.reverse_trajectory(velocity, s, chunk, config.flow_steps, method, iterations, tolerance)
+    error = flows.roundtrip_error(velocity, s, trajectory[:, 0], chunk, config.flow_steps)
+    return trajectory, error, info["residual"]
+
+
+def _blocks(n: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Row blocks of exactly ``batch_size`` (the last one padded by repeating its final row) covering 0..n-1."""
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n), dtype=np.int32)
+        yield np.pad(rows, (0, batch_size - rows.size), mode="edge")
+
+
+def iter_reversed(config, actor_params, data: DeviceDataset, batch_size: int, method: str, iterations: int,
+                  tolerance: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Every row of ``data`` reversed, in row order, as host arrays ``(rows, trajectory, error, residual)``.
+
+    Blocks have a fixed size, so one compiled program serves the whole dataset; the next block is dispatched
+    before the previous one is copied to the host.
+    """
+    n = data.size
+    batch_size = min(batch_size, n)
+    pending = None
+    for block in _blocks(n, batch_size):
+        result = reverse_rows(config, actor_params, data, jnp.asarray(block), method, iterations, tolerance)
+        if pending is not None:
+            yield _to_host(*pending)
+        pending = (block, result)
+    if pending is not None:
+        yield _to_host(*pending)
+
+
+def _to_host(block: np.ndarray, result) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    trajectory, error, residual = jax.device_get(result)
+    keep = np.concatenate([[True], block[1:] != block[:-1]])  # drop the edge padding
+    return block[keep].astype(np.int64), trajectory[keep], error[keep], residual[keep]
+
+
+@partial(jax.jit, static_argnames=("config", "batch_size", "method", "iterations", "tolerance"))
+def rebuild(config, actor_params, data: DeviceDataset, batch_size: int, method: str, iterations: int,
+            tolerance: float) -> jax.Array:
+    """The whole cache (N, F + 1, h*d) recomputed on the device from ``actor_params`` (no host round trip)."""
+    n = data.size
+    blocks = -(-n // batch_size)
+    rows = jnp.minimum(jnp.arange(blocks * batch_size, dtype=jnp.int32), n - 1).reshape(blocks, batch_size)
+    velocity = _velocity(config, actor_params)
+
+    def one(block):
+        batch = chunks_at(data, block, config.h, 1.0)
+        trajectory, _ = flows.reverse_trajectory(
+            velocity, batch["observations"], batch["actions"], config.flow_steps, method, iterations, tolerance
+        )
+        return trajectory
+
+    return jax.lax.map(one, rows).reshape(blocks * batch_size, config.flow_steps + 1, -1)[:n]
+
+
+@partial(jax.jit, static_argnames=("config",))
+def drift(config, actor_params, data: DeviceDataset, rows: jax.Array, tolerance: float) -> dict[str, jax.Array]:
+    """Staleness of the cache for the current actor, on ``rows``: the sampler run from each cached x_0 with the
+    current actor, compared with the dataset chunk. Returns the mean and max of the per-row max-abs distance and
+    the share of rows farther than ``tolerance``.
+    """
+    velocity = _velocity(config, actor_params)
+    batch = chunks_at(data, rows, config.h, 1.0)
+    x0 = data.reversal[rows, 0]
+    error = flows.roundtrip_error(velocity, batch["observations"], x0, batch["actions"], config.flow_steps)
+    return {
+        "cache_drift_mean": jnp.mean(error),
+        "cache_drift_max": jnp.max(error),
+        "cache_stale_fraction": jnp.mean((error > tolerance).astype(jnp.float32)),
+    }

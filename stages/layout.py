@@ -1,0 +1,42 @@
+"""Where every stage reads and writes, relative to the repository root (the one place that knows ``data/``).
+
+    data/datasets/<dataset>.npz, <dataset>-val.npz, manifest.json      download
+    data/priors/<task>/policy.msgpack, prior.json                       prior
+    data/reversed/<task>/part-*.parquet, manifest.json                  reverse
+    data/runs/<agent>/<task>/seed<k>/policy.msgpack, summary.json, live/ train (live/: dvclive metrics and plots)
+    data/checkpoints/<agent>/<task>/seed<k>/<fingerprint>/              train (Orbax, resumable, not a DVC output)
+    data/evals/<agent>/<task>/seed<k>.json, seed<k>.gif                 evaluate
+    reports/index.html, index.md, figures/                              report
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data")
+DATASETS = DATA / "datasets"
+REPORTS = Path("reports")
+
+
+def prior_dir(task: str) -> Path:
+    return DATA / "priors" / task
+
+
+def reversed_dir(task: str) -> Path:
+    return DATA / "reversed" / task
+
+
+def run_dir(agent: str, task: str, seed: int) -> Path:
+    return DATA / "runs" / agent / task / f"seed{seed}"
+
+
+def checkpoint_root(agent: str, task: str, seed: int) -> Path:
+    return DATA / "checkpoints" / agent / task / f"seed{seed}"
+
+
+def eval_json(agent: str, task: str, seed: int) -> Path:
+    return DATA / "evals" / agent / task / f"seed{seed}.json"
+
+
+def eval_gif(agent: str, task: str, seed: int) -> Path:
+    return DATA / "evals" / agent / task / f"seed{seed}.gif"

@@ -1,0 +1,79 @@
+"""The reversal cache as the train stage uses it: the task's prior, the shards read back, drift and refresh."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stages import layout
+from stages.core import cache_build, checkpoints, shards
+from stages.core.agents.common import copy_tree, init_velocity, make_actor
+
+log = logging.getLogger(__name__)
+PRIOR_FILE = "policy.msgpack"
+REBUILD_HINT = "rebuild it with `dvc repro reverse` (or `dvc pull` the matching one)"
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The task's BC flow prior: actor params and the sha256 of its export."""
+
+    params: Any
+    sha256: str
+
+
+def actor_template(config) -> Any:
+    """Shapes and dtypes of a flow actor's params for ``config`` (no computation)."""
+    return jax.eval_shape(lambda key: init_velocity(make_actor(config), config, key), jax.random.PRNGKey(0))
+
+
+def load_prior(task: str, config) -> Prior:
+    """Read ``data/priors/<task>/policy.msgpack``, checked against the actor shape ``config`` describes."""
+    path = layout.prior_dir(task) / PRIOR_FILE
+    loaded = checkpoints.load_policy(path, template=actor_template(config))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return Prior(params=jax.tree_util.tree_map(jnp.asarray, loaded.params), sha256=digest)
+
+
+def load_cache(task: str, config, dataset_sha256: str, prior_sha256: str) -> np.ndarray:
+    """The task's reversal cache as (N, F + 1, h*d), checked against the dataset and prior in use."""
+    directory = layout.reversed_dir(task)
+    cache = shards.read_cache(
+        directory, inputs={"dataset": dataset_sha256, "prior": prior_sha256}, F=config.flow_steps, h=config.h,
+        d=config.action_dim, rebuild_hint=REBUILD_HINT,
+    )
+    if not np.array_equal(cache.rows, np.arange(cache.rows.size)):
+        raise shards.ShardCacheError(f"{directory}: rows are not 0..N-1 in order: {REBUILD_HINT}")
+    log.info("read the reversal cache %s: %d rows (%s, max round-trip error %.2e)", directory, cache.rows.size,
+             cache.manifest.method, float(cache.roundtrip_error.max()) if cache.rows.size else 0.0)
+    return cache.x
+
+
+def drift_probe(config, data, rows: int, tolerance: float) -> Callable[[Any, Any], dict[str, float]]:
+    """A function ``(actor_params, data) -> drift metrics`` on a fixed random subset of ``rows`` cache rows."""
+    picked = jnp.asarray(np.random.default_rng(0).choice(data.size, size=min(rows, data.size), replace=False))
+
+    def probe(actor_params, current_data) -> dict[str, float]:
+        values = cache_build.drift(config, actor_params, current_data, picked, tolerance)
+        return {name: float(value) for name, value in jax.device_get(values).items()}
+
+    return probe
+
+
+def refresh(config, actor_params, data, batch_size: int = 4096):
+    """``data`` with its cache rebuilt on the device from ``actor_params`` (the RQL config's reversal method)."""
+    log.info("refreshing the reversal cache from the current actor (%d rows)", data.size)
+    table = cache_build.rebuild(config, actor_params, data, min(batch_size, data.size), config.reversal_method,
+                                config.reversal_iterations, config.reversal_tolerance)
+    return data.replace(reversal=table)
+
+
+def start_from_prior(state, prior: Prior):
+    """The RQL state with its actor and EMA actor set to (separate copies of) the prior."""
+    return state.replace(actor=copy_tree(prior.params), ema_actor=copy_tree(prior.params))
