@@ -249,9 +249,8 @@ class _EnvGroup:
         out = []
         for i, seed, limit, frame_skip in items:
             env = self.envs[i]
-            env.unwrapped.action_space.seed(
-                seed
-            )  # OGBench's reset takes a few random actions from this space
+            # OGBench's reset takes a few random actions from the action space: seed it too.
+            env.unwrapped.action_space.seed(seed)
             obs, _ = env.reset(seed=seed)
             self.steps[i], self.limit[i], self.frame_skip[i] = 0, limit, frame_skip
             frames = [self._frame(i)] if frame_skip else []
@@ -618,7 +617,7 @@ class Evaluator:
             raise RuntimeError("this Evaluator is closed")
         _check_positive("episodes", episodes)
         _check_positive("frame_skip", frame_skip)
-        if not isinstance(seed, int) or seed < 0:
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if not isinstance(video_episodes, int) or not 0 <= video_episodes <= episodes:
             raise ValueError(
@@ -642,7 +641,7 @@ class Evaluator:
 
         setup_time, self._setup_time = self._setup_time, 0.0
         start = time.perf_counter()
-        keys = _Keys(seed, key_mode, batch_size)
+        keys = _Keys(int(seed), key_mode, batch_size)
         slots = [_Slot() for _ in range(self.num_envs)]
         results: dict[int, EpisodeResult] = {}
         videos: dict[int, np.ndarray] = {}
@@ -682,7 +681,8 @@ class Evaluator:
                     np.array([slots[s].episode for s in live], np.uint32),
                     np.array([slots[s].queries for s in live], np.uint32),
                 )
-                chunks = check_actions(policy(batch, key), batch_size, self.action_dim, len(live), horizon)
+                actions = policy(batch.copy(), key)  # a fresh array: the policy may keep or alias its input
+                chunks = check_actions(actions, batch_size, self.action_dim, len(live), horizon)
                 horizon = chunks.shape[1]
                 calls += 1
                 outcome = self._dispatch("run", [(s, chunks[row]) for row, s in enumerate(live)])
@@ -757,7 +757,7 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``policy`` for ``episodes`` episodes in a fresh :class:`Evaluator`; see :meth:`Evaluator.run`.
 
-    ``num_envs`` defaults to ``min(episodes, 2 * workers)``.
+    ``num_envs`` defaults to ``2 * workers``, but no more than ``episodes`` (and no fewer than ``workers``).
     """
     _check_positive("episodes", episodes)
     if num_envs is None and isinstance(workers, int) and workers >= 1:
