@@ -76,12 +76,17 @@ def test_round_trip_exact_values_and_order(cache, data):
     assert got.manifest.total_rows == 250
     assert got.manifest.roundtrip_error["max"] == pytest.approx(float(err.max()))
 
-    streamed = list(S.iter_cache(cache))
+    streamed = list(S.iter_cache(cache, batch_rows=40))
     np.testing.assert_array_equal(np.concatenate([b.rows for b in streamed]), rows)
     np.testing.assert_array_equal(np.concatenate([b.x for b in streamed]), x)
-    assert streamed[0].shard == "part-00000.parquet"
-    # Row groups are at most row_group_rows and never straddle shards.
-    assert max(b.rows.shape[0] for b in streamed) == 32
+    np.testing.assert_array_equal(np.concatenate([b.roundtrip_error for b in streamed]), err)
+    # Batches are at most batch_rows and never straddle shards (100 + 100 + 50 rows).
+    assert [(b.shard, b.rows.shape[0]) for b in streamed] == [
+        *[("part-00000.parquet", n) for n in (40, 40, 20)],
+        *[("part-00001.parquet", n) for n in (40, 40, 20)],
+        ("part-00002.parquet", 40),
+        ("part-00002.parquet", 10),
+    ]
     # Streamed arrays are views of Arrow buffers, not copies.
     assert all(not b.x.flags.owndata and not b.rows.flags.owndata for b in streamed)
 

@@ -654,7 +654,8 @@ def _check_shard_file(
                 "re-pull or rebuild the cache"
             )
     try:
-        pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=not verify_sha256)
+        # pre_buffer=False: pages are read as decoded, which keeps the read's memory small (measured).
+        pf = pq.ParquetFile(path, pre_buffer=False, page_checksum_verification=not verify_sha256)
     except (pa.ArrowException, OSError) as exc:
         raise ShardCacheError(f"shard {path} is not a readable Parquet file ({exc})") from exc
     expected = cache_schema(manifest.F, manifest.h, manifest.d, manifest.method)
@@ -724,10 +725,11 @@ def _open_manifest(
 # Data reading
 
 
-def _column_numpy(column: pa.ChunkedArray, fixed_list: bool) -> np.ndarray:
+def _column_numpy(column: pa.Array | pa.ChunkedArray, fixed_list: bool) -> np.ndarray:
     """A column as one flat numpy array: zero-copy for a single chunk, one concatenation otherwise."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
-    for chunk in column.chunks:
+    for chunk in chunks:
         if fixed_list:
             chunk = chunk.flatten()  # respects slice offsets, unlike .values
         parts.append(chunk.to_numpy(zero_copy_only=True))
@@ -738,24 +740,23 @@ def _column_numpy(column: pa.ChunkedArray, fixed_list: bool) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _read_row_group(
-    pf: pq.ParquetFile, index: int, manifest: Manifest
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    table = pf.read_row_group(index, use_threads=True)
-    rows = _column_numpy(table.column("row"), fixed_list=False)
-    x = _column_numpy(table.column("x"), fixed_list=True).reshape(-1, manifest.F + 1, manifest.h * manifest.d)
-    err = _column_numpy(table.column("roundtrip_error"), fixed_list=False)
+def _split_batch(batch: pa.RecordBatch, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = _column_numpy(batch.column("row"), fixed_list=False)
+    x = _column_numpy(batch.column("x"), fixed_list=True).reshape(-1, manifest.F + 1, manifest.h * manifest.d)
+    err = _column_numpy(batch.column("roundtrip_error"), fixed_list=False)
     return rows, x, err
 
 
-def _iter_checked(directory: Path, manifest: Manifest, verify_sha256: bool) -> Iterator[CacheBatch]:
+def _iter_checked(
+    directory: Path, manifest: Manifest, verify_sha256: bool, batch_rows: int
+) -> Iterator[CacheBatch]:
     for info in manifest.shards:
         pf = _check_shard_file(directory, manifest, info, verify_sha256)
         path = directory / info.file
         seen = 0
         try:
-            for g in range(pf.metadata.num_row_groups):
-                rows, x, err = _read_row_group(pf, g, manifest)
+            for record_batch in pf.iter_batches(batch_size=batch_rows, use_threads=True):
+                rows, x, err = _split_batch(record_batch, manifest)
                 if seen == 0 and rows.shape[0] and int(rows[0]) != info.first_row:
                     raise ShardCacheError(
                         f"shard {path} starts at row {int(rows[0])}, manifest {info.first_row}"
@@ -768,6 +769,10 @@ def _iter_checked(directory: Path, manifest: Manifest, verify_sha256: bool) -> I
                 yield CacheBatch(info.file, rows, x, err)
         except (pa.ArrowException, OSError) as exc:
             raise ShardCacheError(f"shard {path}: read failed ({exc}): re-pull or rebuild the cache") from exc
+        finally:
+            pf.close()
+        if seen != info.rows:
+            raise ShardCacheError(f"shard {path} yielded {seen} rows, manifest says {info.rows}")
 
 
 def iter_cache(
@@ -780,8 +785,11 @@ def iter_cache(
     method: str | None = None,
     verify_sha256: bool = True,
     rebuild_hint: str = DEFAULT_REBUILD_HINT,
+    batch_rows: int = 8192,
 ) -> Iterator[CacheBatch]:
-    """Stream a cache row group by row group, shard by shard, in row order (memory: one row group).
+    """Stream a cache shard by shard in batches of at most ``batch_rows`` rows, in row order.
+
+    Batches never span two shards; memory stays bounded by a few batches whatever the cache size.
 
     The manifest, the caller's expectations and the presence of every shard are checked before the first batch;
     each shard's size, sha256 (if ``verify_sha256``; otherwise Parquet page checksums), schema and row count are
@@ -789,7 +797,7 @@ def iter_cache(
     """
     directory = Path(directory)
     manifest = _open_manifest(directory, inputs, F, h, d, method, rebuild_hint)
-    return _iter_checked(directory, manifest, verify_sha256)
+    return _iter_checked(directory, manifest, verify_sha256, batch_rows)
 
 
 def read_cache(
@@ -805,7 +813,7 @@ def read_cache(
 ) -> ReversalCache:
     """Read a whole cache into preallocated arrays ``rows (N,)``, ``x (N, F+1, h*d)``, ``roundtrip_error (N,)``.
 
-    Checks as :func:`iter_cache`. Peak memory is the result plus one row group.
+    Checks as :func:`iter_cache`. Peak memory is the result plus a few read batches.
     """
     directory = Path(directory)
     manifest = _open_manifest(directory, inputs, F, h, d, method, rebuild_hint)
@@ -814,7 +822,7 @@ def read_cache(
     x = np.empty((n, manifest.F + 1, manifest.h * manifest.d), np.float32)
     err = np.empty(n, np.float32)
     at = 0
-    for batch in _iter_checked(directory, manifest, verify_sha256):
+    for batch in _iter_checked(directory, manifest, verify_sha256, batch_rows=8192):
         k = batch.rows.shape[0]
         if at + k > n:
             raise ShardCacheError(f"shard {directory / batch.shard} holds more rows than the manifest's {n}")
