@@ -1,0 +1,347 @@
+"""DVC stage `download`: the OGBench datasets the configured tasks need, downloaded from OGBench or generated locally.
+
+    python -m stages.download [--params params.yaml] [--out data/datasets] [--ogbench-dir ~/.ogbench/data]
+
+For each dataset (`data.source`):
+- download: copied from `--ogbench-dir` (OGBench's own download folder) when both files are there, else fetched with
+  OGBench's `download_datasets`;
+- generate: built with OGBench's scripted oracles (stages.core.ogbench_generate), seeded, in `data.workers` processes;
+- auto: download, and when that fails (offline) generate instead, saying so. Expert-policy datasets (antmaze,
+  humanoidmaze, antsoccer) cannot be generated: offline they fail with an error saying what to do.
+Outputs, in OGBench's own names and format: `<dataset>.npz`, `<dataset>-val.npz` (100m datasets: a folder of
+`<stem>-NNN.npz` / `<stem>-NNN-val.npz`), and `manifest.json` (source, episodes, seed, sha256 of every file, ogbench
+and mujoco versions), written last. Every file is validated, written under a temporary name and renamed.
+Identical params give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import urllib.error
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from stages.core.ogbench_data import (
+    DatasetFileError,
+    shard_file_names,
+    sha256_file,
+    temp_path,
+    validate_raw_file,
+    write_npz,
+)
+from stages.core.ogbench_generate import GenerationError, Recipe, generate_splits, recipe_for_dataset
+from stages.params import DataParams, Params, ParamsError, TaskSpec, load_params, parse_task
+
+log = logging.getLogger('stages.download')
+
+DEFAULT_OUT = Path('data/datasets')
+MANIFEST = 'manifest.json'
+OGBENCH_URL = 'https://rail.eecs.berkeley.edu/datasets/ogbench'
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+# (file stems without .npz, target folder, base URL) -> files `<stem>.npz` and `<stem>-val.npz` in the folder.
+Downloader = Callable[[list[str], Path, str], None]
+
+
+class StageError(RuntimeError):
+    """The stage cannot produce a dataset; the message says which, why and what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """One dataset the tasks need, and the files it consists of."""
+
+    dataset: str
+    spec: TaskSpec  # of a task that uses it (dataset-level facts only)
+    file_pairs: tuple[tuple[str, str], ...]  # (train, val) paths relative to the output folder
+
+    @property
+    def files(self) -> list[str]:
+        return [name for pair in self.file_pairs for name in pair]
+
+
+def plan_datasets(params: Params) -> list[DatasetPlan]:
+    """The distinct datasets of `params.tasks`, in first-use order, with their file names."""
+    plans: dict[str, DatasetPlan] = {}
+    for task in params.tasks:
+        spec = parse_task(task)
+        if spec.dataset in plans:
+            continue
+        if spec.is_large:
+            pairs = tuple(
+                tuple(f'{spec.dataset}/{name}' for name in shard_file_names(spec.shard_stem, index))
+                for index in range(params.data.shards)
+            )
+        else:
+            pairs = ((f'{spec.dataset}.npz', f'{spec.dataset}-val.npz'),)
+        plans[spec.dataset] = DatasetPlan(dataset=spec.dataset, spec=spec, file_pairs=pairs)
+    return list(plans.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output folder hygiene
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _owned_files(out: Path) -> Iterator[Path]:
+    """Files this stage writes: the manifest, npz files and temporaries, at the top level and one folder down."""
+    for pattern in (MANIFEST, '*.npz', '*.tmp', '*/*.npz', '*/*.tmp'):
+        yield from out.glob(pattern)
+
+
+def clean_outputs(out: Path) -> None:
+    """Remove what an earlier (possibly interrupted) run left, so nothing stale looks complete."""
+    for path in _owned_files(out):
+        path.unlink()
+    for folder in out.glob('*-v[0-9]*'):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def remove_dataset_files(out: Path, plan: DatasetPlan) -> None:
+    for name in plan.files:
+        for path in (out / name, temp_path(out / name)):
+            path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Download
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _ogbench_base_url(url: str) -> Iterator[None]:
+    """Point OGBench's downloader at `url` for the duration (its large datasets live in per-dataset folders)."""
+    import ogbench.utils
+
+    saved = ogbench.utils.DATASET_URL
+    ogbench.utils.DATASET_URL = url
+    try:
+        yield
+    finally:
+        ogbench.utils.DATASET_URL = saved
+
+
+def ogbench_download(stems: list[str], folder: Path, base_url: str) -> None:
+    """Fetch `<stem>.npz` and `<stem>-val.npz` into `folder` with OGBench's own `download_datasets`."""
+    import ogbench
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with _ogbench_base_url(base_url):
+        ogbench.download_datasets(stems, dataset_dir=str(folder))
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    tmp = temp_path(target)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def download_dataset(plan: DatasetPlan, out: Path, ogbench_dir: Path, download: Downloader) -> str:
+    """Bring the dataset's files into `out`: copies from `ogbench_dir` when present there, else a download.
+    Returns the source recorded in the manifest. Network failures propagate (NETWORK_ERRORS)."""
+    copied = downloaded = 0
+    for train, val in plan.file_pairs:
+        if (ogbench_dir / train).is_file() and (ogbench_dir / val).is_file():
+            for name in (train, val):
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                _copy_atomically(ogbench_dir / name, out / name)
+            copied += 1
+            continue
+        folder = (out / train).parent
+        base_url = OGBENCH_URL if folder == out else f'{OGBENCH_URL}/{plan.dataset}'
+        log.info('%s: downloading %s with OGBench', plan.dataset, train)
+        download([Path(train).name.removesuffix('.npz')], folder, base_url)
+        downloaded += 1
+    if copied:
+        log.info('%s: %d of %d file pairs copied from %s', plan.dataset, copied, len(plan.file_pairs), ogbench_dir)
+    return 'download' if downloaded else 'ogbench-dir'
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def generate_dataset(plan: DatasetPlan, data: DataParams, out: Path) -> Recipe:
+    """Build every file pair of the dataset with OGBench's oracles; file k of a large dataset uses shard index k."""
+    recipe = recipe_for_dataset(plan.dataset, episode_steps=data.episode_steps)
+    val_episodes = data.val_episode_count
+    log.info(
+        '%s: generating %d train + %d val episodes of %d steps per file (%d file pair%s; OGBench: %d episodes) '
+        'in %d processes, seed %d',
+        plan.dataset, data.episodes, val_episodes, recipe.episode_steps, len(plan.file_pairs),
+        '' if len(plan.file_pairs) == 1 else 's', recipe.ogbench_episodes, data.workers, data.seed,
+    )
+    for shard, (train, val) in enumerate(plan.file_pairs):
+        started, steps = time.perf_counter(), 0
+
+        def count(rows: int) -> None:
+            nonlocal steps
+            steps += rows
+
+        splits = generate_splits(
+            recipe, episodes=data.episodes, val_episodes=val_episodes, seed=data.seed, shard=shard,
+            workers=data.workers, on_episode=count,
+        )
+        elapsed = time.perf_counter() - started
+        log.info('%s: %d env steps in %.1f s (%.0f steps/s with %d processes)',
+                 train, steps, elapsed, steps / elapsed, data.workers)
+        for name, split in ((train, 'train'), (val, 'val')):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            write_npz(out / name, splits[split])
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One dataset, end to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def describe_files(plan: DatasetPlan, out: Path, episode_length: int | None) -> dict[str, dict[str, Any]]:
+    """Validate every file of the dataset and describe it for the manifest (DatasetFileError on a bad one)."""
+    described = {}
+    for name in plan.files:
+        summary = validate_raw_file(out / name, button_states=plan.spec.has_buttons, episode_length=episode_length)
+        described[name] = {
+            'sha256': sha256_file(out / name),
+            'bytes': (out / name).stat().st_size,
+            'rows': summary.rows,
+            'episodes': summary.episodes,
+        }
+        log.info('%s: valid, %d rows in %d episodes, %.1f MB', name, summary.rows, summary.episodes,
+                 described[name]['bytes'] / 1e6)
+    return described
+
+
+def _offline_message(plan: DatasetPlan, error: BaseException) -> str:
+    return (
+        f'{plan.dataset}: download failed ({error}). OGBench collected this dataset with trained expert policies '
+        f'whose weights are only on the OGBench download server, so it cannot be generated locally. Run this stage on '
+        f'a machine with internet (then `dvc push` to share the result), or place the OGBench files '
+        f'{", ".join(plan.files[:2])}{" ..." if len(plan.files) > 2 else ""} in the OGBench data folder '
+        f'(~/.ogbench/data, or --ogbench-dir), where this stage looks before downloading.'
+    )
+
+
+def obtain_dataset(
+    plan: DatasetPlan, data: DataParams, out: Path, ogbench_dir: Path, download: Downloader
+) -> dict[str, Any]:
+    """Download or generate one dataset into `out`, validate it; its manifest entry."""
+    if data.source in ('auto', 'download'):
+        try:
+            source = download_dataset(plan, out, ogbench_dir, download)
+            return {'source': source, 'files': describe_files(plan, out, episode_length=None)}
+        except NETWORK_ERRORS as error:
+            remove_dataset_files(out, plan)
+            if data.source == 'download':
+                raise StageError(
+                    f'{plan.dataset}: download failed ({error}); set data.source: auto or generate to build it '
+                    f'locally with OGBench\'s oracles'
+                ) from None
+            if plan.spec.needs_expert_weights:
+                raise StageError(_offline_message(plan, error)) from None
+            log.warning("%s: download failed (%s): offline, generating with OGBench's oracles instead",
+                        plan.dataset, error)
+        except DatasetFileError:
+            remove_dataset_files(out, plan)  # a corrupt download must not stay behind looking complete
+            raise
+    recipe = generate_dataset(plan, data, out)
+    return {
+        'source': 'generate',
+        'seed': data.seed,
+        'episodes': data.episodes,
+        'val_episodes': data.val_episode_count,
+        'recipe': recipe.as_dict(),
+        'files': describe_files(plan, out, episode_length=recipe.episode_steps),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in ('ogbench', 'mujoco', 'numpy', 'gymnasium')}
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Deterministic JSON (sorted keys), written atomically."""
+    path = out / MANIFEST
+    tmp = temp_path(path)
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    os.replace(tmp, path)
+
+
+def run(params: Params, out: Path, ogbench_dir: Path, download: Downloader = ogbench_download) -> dict[str, Any]:
+    """The whole stage: every dataset of the configured tasks into `out`, then the manifest. Returns the manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean_outputs(out)
+    plans = plan_datasets(params)
+    log.info('tasks %s need datasets %s (source: %s)', ', '.join(params.tasks),
+             ', '.join(p.dataset for p in plans), params.data.source)
+    datasets = {}
+    for plan in plans:
+        started = time.perf_counter()
+        datasets[plan.dataset] = obtain_dataset(plan, params.data, out, ogbench_dir, download)
+        log.info('%s: done (%s) in %.1f s', plan.dataset, datasets[plan.dataset]['source'],
+                 time.perf_counter() - started)
+    manifest = {
+        'datasets': datasets,
+        'tasks': {task: parse_task(task).dataset for task in params.tasks},
+        'versions': library_versions(),
+    }
+    write_manifest(out, manifest)
+    log.info('wrote %s', out / MANIFEST)
+    return manifest
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m stages.download', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--params', type=Path, default=Path('params.yaml'), help='params file (default: params.yaml)')
+    parser.add_argument('--out', type=Path, default=DEFAULT_OUT, help=f'output folder (default: {DEFAULT_OUT})')
+    parser.add_argument(
+        '--ogbench-dir', type=Path, default=Path('~/.ogbench/data').expanduser(),
+        help="OGBench's dataset folder, searched before downloading (default: ~/.ogbench/data)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; the exit status is 0 on success, 2 for invalid params, 1 for any other failure."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    for chatty in ('absl', 'OpenGL'):  # backend-selection notes from mujoco's and dm_control's imports
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    os.environ.setdefault('MUJOCO_GL', 'egl')  # headless; this stage never renders
+    try:
+        params = load_params(args.params)
+        run(params, args.out, args.ogbench_dir.expanduser())
+    except ParamsError as error:
+        log.error('%s', error)
+        return 2
+    except (StageError, GenerationError, DatasetFileError) as error:
+        log.error('%s', error)
+        return 1
+    except KeyboardInterrupt:
+        log.error('interrupted: no manifest written, partial files removed')
+        return 130
+    except Exception:  # noqa: BLE001 -- any other failure: say so with the traceback, exit non-zero
+        log.exception('download stage failed')
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
