@@ -91,6 +91,26 @@ def make_policies(obs_dim: int, action_dim: int, h: int, hidden: list[int], flow
     return partial(sample_one, params), partial(sample_batch, params)
 
 
+def load_exported_policies(path: str, task: str):
+    """A trained policy export (the train/prior stages' ``policy.msgpack``): the same two calling conventions.
+
+    The batched policy is the one the evaluate stage uses; the reference way calls it with a batch of one.
+    """
+    from stages.agent_setup import config_from_metadata, make_policy
+    from stages.core.checkpoints import load_policy
+
+    loaded = load_policy(path)
+    if loaded.metadata.get("task") not in (None, task):
+        raise SystemExit(f"{path} was trained on {loaded.metadata['task']}, not {task}: pass --task")
+    algorithm, config = config_from_metadata(loaded.metadata)
+    batched = make_policy(algorithm, config, loaded.params)
+
+    def one(obs, key):
+        return batched(np.asarray(obs, np.float32)[None], key)[0]
+
+    return one, batched, f"{algorithm} export {path}"
+
+
 def env_step_floor(env_id: str, steps: int = 300) -> float:
     """Seconds per bare ``env.step`` (random actions, no policy): the cost no evaluation loop can avoid."""
     env = gymnasium.make(env_id)
@@ -204,6 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flow-steps", type=int, default=10)
     parser.add_argument("--horizon", type=int, default=5, help="action chunk length h")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--policy", default=None, help="a trained policy.msgpack instead of the random flow policy"
+    )
     parser.add_argument("--progress", action="store_true", help="tqdm progress bars")
     return parser.parse_args(argv)
 
@@ -220,10 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     hidden = [int(x) for x in args.hidden.split(",") if x]
     env_id = resolve_env_id(args.task)
-    print(
-        f"{env_id}: {args.episodes} episodes, flow policy {'x'.join(map(str, hidden))} MLP, F={args.flow_steps}, "
-        f"h={args.horizon}; jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs"
-    )
+    size = "x".join(map(str, hidden))
+    what = "" if args.policy else f"random flow policy {size} MLP, F={args.flow_steps}, h={args.horizon}; "
+    platform = f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs"
+    print(f"{env_id}: {args.episodes} episodes, {what}{platform}")
 
     # (b) first (its workers start before anything else runs); both policies are compiled before timing.
     start = time.perf_counter()
@@ -231,13 +254,17 @@ def main(argv: list[str] | None = None) -> None:
     setup_b = time.perf_counter() - start
     with evaluator:
         obs_dim, action_dim = int(np.prod(evaluator.obs_shape)), evaluator.action_dim
-        sample_one, sample_batch = make_policies(
-            obs_dim, action_dim, args.horizon, hidden, args.flow_steps, args.seed
-        )
+        if args.policy:
+            sample_one, sample_batch, what = load_exported_policies(args.policy, args.task)
+            print(f"policy: {what}")
+        else:
+            sample_one, sample_batch = make_policies(
+                obs_dim, action_dim, args.horizon, hidden, args.flow_steps, args.seed
+            )
         warm = np.zeros((evaluator.num_envs, obs_dim), np.float32)
         key = jax.random.PRNGKey(0)
-        sample_batch(warm, key).block_until_ready()
-        sample_one(warm[0], key).block_until_ready()
+        np.asarray(sample_batch(warm, key))
+        np.asarray(sample_one(warm[0], key))
         result = evaluator.run(sample_batch, episodes=args.episodes, seed=args.seed, progress=args.progress)
 
     start = time.perf_counter()
