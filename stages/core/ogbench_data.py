@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -245,6 +246,8 @@ def make_task_env(env_name: str) -> Any:
 
     import ogbench  # noqa: F401  (registers the environments)
 
+    # OGBench's envs build float64-bounded Boxes; gymnasium warns about the float32 cast on every new Box.
+    warnings.filterwarnings('ignore', message='.*precision lowered by casting to float32.*')
     return gymnasium.make(env_name)
 
 
