@@ -273,7 +273,7 @@ def _unique(values: list) -> list:
 
 
 TaskName = Annotated[str, Strict(), AfterValidator(_check_task_name)]
-AgentName = Literal['rql', 'fql', 'bc_flow']
+AgentName = Literal['rql', 'rql_cached', 'rql_refresh', 'fql', 'bc_flow']  # see stages/agent_setup.py
 LayerSizes = Annotated[list[PositiveInt], Field(min_length=1)]
 
 
@@ -447,10 +447,23 @@ def consistency_errors(params: Params) -> list[str]:
     """`key: problem` lines for settings that are valid alone but contradict each other."""
     errors = []
     train, data = params.train, params.data
-    if train.refresh_every > 0 and train.reversal == 'online':
+    refreshing = train.reversal == 'cached' or 'rql_refresh' in params.agents
+    if train.refresh_every > 0 and not refreshing:
         errors.append(
-            f'train.refresh_every: only used with train.reversal: cached, but reversal is online '
-            f'(got refresh_every={train.refresh_every}; set it to 0 or use reversal: cached)'
+            f'train.refresh_every: only used with train.reversal: cached or the rql_refresh agent, but reversal is '
+            f'online (got refresh_every={train.refresh_every}; set it to 0, use reversal: cached, or add rql_refresh)'
+        )
+    if 'rql_refresh' in params.agents and train.refresh_every == 0:
+        errors.append('train.refresh_every: the rql_refresh agent needs refresh_every > 0 (got 0)')
+    if train.refresh_every and train.checkpoint_every % train.refresh_every:
+        errors.append(
+            f'train.checkpoint_every: must be a multiple of train.refresh_every={train.refresh_every} so that a '
+            f'resumed run rebuilds the same cache (got {train.checkpoint_every})'
+        )
+    if params.prior.steps % train.updates_per_call:
+        errors.append(
+            f'prior.steps: must be a multiple of train.updates_per_call={train.updates_per_call} '
+            f'(got {params.prior.steps})'
         )
     for key in ('steps', 'log_every', 'checkpoint_every', 'eval_every', 'refresh_every'):
         value = getattr(train, key)
