@@ -76,7 +76,7 @@ def init_velocity(module: VelocityField, config: FlowConfig, key: jax.Array, wit
     s = jnp.zeros((1, config.obs_dim), jnp.float32)
     x = jnp.zeros((1, config.chunk_dim), jnp.float32)
     t = jnp.zeros((1, 1), jnp.float32) if with_time else None
-    return module.init(key, s, x, t)["params"]
+    return jax.jit(module.init)(key, s, x, t)["params"]
 
 
 def copy_tree(tree):
