@@ -34,8 +34,8 @@ from typing import Any
 
 from stages.core.ogbench_data import (
     DatasetFileError,
-    shard_file_names,
     sha256_file,
+    shard_file_names,
     temp_path,
     validate_raw_file,
     write_npz,
@@ -43,11 +43,11 @@ from stages.core.ogbench_data import (
 from stages.core.ogbench_generate import GenerationError, Recipe, generate_splits, recipe_for_dataset
 from stages.params import DataParams, Params, ParamsError, TaskSpec, load_params, parse_task
 
-log = logging.getLogger('stages.download')
+log = logging.getLogger("stages.download")
 
-DEFAULT_OUT = Path('data/datasets')
-MANIFEST = 'manifest.json'
-OGBENCH_URL = 'https://rail.eecs.berkeley.edu/datasets/ogbench'
+DEFAULT_OUT = Path("data/datasets")
+MANIFEST = "manifest.json"
+OGBENCH_URL = "https://rail.eecs.berkeley.edu/datasets/ogbench"
 NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 
 # (file stems without .npz, target folder, base URL) -> files `<stem>.npz` and `<stem>-val.npz` in the folder.
@@ -80,11 +80,11 @@ def plan_datasets(params: Params) -> list[DatasetPlan]:
             continue
         if spec.is_large:
             pairs = tuple(
-                tuple(f'{spec.dataset}/{name}' for name in shard_file_names(spec.shard_stem, index))
+                tuple(f"{spec.dataset}/{name}" for name in shard_file_names(spec.shard_stem, index))
                 for index in range(params.data.shards)
             )
         else:
-            pairs = ((f'{spec.dataset}.npz', f'{spec.dataset}-val.npz'),)
+            pairs = ((f"{spec.dataset}.npz", f"{spec.dataset}-val.npz"),)
         plans[spec.dataset] = DatasetPlan(dataset=spec.dataset, spec=spec, file_pairs=pairs)
     return list(plans.values())
 
@@ -96,7 +96,7 @@ def plan_datasets(params: Params) -> list[DatasetPlan]:
 
 def _owned_files(out: Path) -> Iterator[Path]:
     """Files this stage writes: the manifest, npz files and temporaries, at the top level and one folder down."""
-    for pattern in (MANIFEST, '*.npz', '*.tmp', '*/*.npz', '*/*.tmp'):
+    for pattern in (MANIFEST, "*.npz", "*.tmp", "*/*.npz", "*/*.tmp"):
         yield from out.glob(pattern)
 
 
@@ -104,7 +104,7 @@ def clean_outputs(out: Path) -> None:
     """Remove what an earlier (possibly interrupted) run left, so nothing stale looks complete."""
     for path in _owned_files(out):
         path.unlink()
-    for folder in out.glob('*-v[0-9]*'):
+    for folder in out.glob("*-v[0-9]*"):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
@@ -164,13 +164,15 @@ def download_dataset(plan: DatasetPlan, out: Path, ogbench_dir: Path, download: 
             copied += 1
             continue
         folder = (out / train).parent
-        base_url = OGBENCH_URL if folder == out else f'{OGBENCH_URL}/{plan.dataset}'
-        log.info('%s: downloading %s with OGBench', plan.dataset, train)
-        download([Path(train).name.removesuffix('.npz')], folder, base_url)
+        base_url = OGBENCH_URL if folder == out else f"{OGBENCH_URL}/{plan.dataset}"
+        log.info("%s: downloading %s with OGBench", plan.dataset, train)
+        download([Path(train).name.removesuffix(".npz")], folder, base_url)
         downloaded += 1
     if copied:
-        log.info('%s: %d of %d file pairs copied from %s', plan.dataset, copied, len(plan.file_pairs), ogbench_dir)
-    return 'download' if downloaded else 'ogbench-dir'
+        log.info(
+            "%s: %d of %d file pairs copied from %s", plan.dataset, copied, len(plan.file_pairs), ogbench_dir
+        )
+    return "download" if downloaded else "ogbench-dir"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -183,10 +185,17 @@ def generate_dataset(plan: DatasetPlan, data: DataParams, out: Path) -> Recipe:
     recipe = recipe_for_dataset(plan.dataset, episode_steps=data.episode_steps)
     val_episodes = data.val_episode_count
     log.info(
-        '%s: generating %d train + %d val episodes of %d steps per file (%d file pair%s; OGBench: %d episodes) '
-        'in %d processes, seed %d',
-        plan.dataset, data.episodes, val_episodes, recipe.episode_steps, len(plan.file_pairs),
-        '' if len(plan.file_pairs) == 1 else 's', recipe.ogbench_episodes, data.workers, data.seed,
+        "%s: generating %d train + %d val episodes of %d steps per file (%d file pair%s; OGBench: %d episodes) "
+        "in %d processes, seed %d",
+        plan.dataset,
+        data.episodes,
+        val_episodes,
+        recipe.episode_steps,
+        len(plan.file_pairs),
+        "" if len(plan.file_pairs) == 1 else "s",
+        recipe.ogbench_episodes,
+        data.workers,
+        data.seed,
     )
     for shard, (train, val) in enumerate(plan.file_pairs):
         started, steps = time.perf_counter(), 0
@@ -196,13 +205,24 @@ def generate_dataset(plan: DatasetPlan, data: DataParams, out: Path) -> Recipe:
             steps += rows
 
         splits = generate_splits(
-            recipe, episodes=data.episodes, val_episodes=val_episodes, seed=data.seed, shard=shard,
-            workers=data.workers, on_episode=count,
+            recipe,
+            episodes=data.episodes,
+            val_episodes=val_episodes,
+            seed=data.seed,
+            shard=shard,
+            workers=data.workers,
+            on_episode=count,
         )
         elapsed = time.perf_counter() - started
-        log.info('%s: %d env steps in %.1f s (%.0f steps/s with %d processes)',
-                 train, steps, elapsed, steps / elapsed, data.workers)
-        for name, split in ((train, 'train'), (val, 'val')):
+        log.info(
+            "%s: %d env steps in %.1f s (%.0f steps/s with %d processes)",
+            train,
+            steps,
+            elapsed,
+            steps / elapsed,
+            data.workers,
+        )
+        for name, split in ((train, "train"), (val, "val")):
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             write_npz(out / name, splits[split])
     return recipe
@@ -217,25 +237,32 @@ def describe_files(plan: DatasetPlan, out: Path, episode_length: int | None) -> 
     """Validate every file of the dataset and describe it for the manifest (DatasetFileError on a bad one)."""
     described = {}
     for name in plan.files:
-        summary = validate_raw_file(out / name, button_states=plan.spec.has_buttons, episode_length=episode_length)
+        summary = validate_raw_file(
+            out / name, button_states=plan.spec.has_buttons, episode_length=episode_length
+        )
         described[name] = {
-            'sha256': sha256_file(out / name),
-            'bytes': (out / name).stat().st_size,
-            'rows': summary.rows,
-            'episodes': summary.episodes,
+            "sha256": sha256_file(out / name),
+            "bytes": (out / name).stat().st_size,
+            "rows": summary.rows,
+            "episodes": summary.episodes,
         }
-        log.info('%s: valid, %d rows in %d episodes, %.1f MB', name, summary.rows, summary.episodes,
-                 described[name]['bytes'] / 1e6)
+        log.info(
+            "%s: valid, %d rows in %d episodes, %.1f MB",
+            name,
+            summary.rows,
+            summary.episodes,
+            described[name]["bytes"] / 1e6,
+        )
     return described
 
 
 def _offline_message(plan: DatasetPlan, error: BaseException) -> str:
     return (
-        f'{plan.dataset}: download failed ({error}). OGBench collected this dataset with trained expert policies '
-        f'whose weights are only on the OGBench download server, so it cannot be generated locally. Run this stage on '
-        f'a machine with internet (then `dvc push` to share the result), or place the OGBench files '
-        f'{", ".join(plan.files[:2])}{" ..." if len(plan.files) > 2 else ""} in the OGBench data folder '
-        f'(~/.ogbench/data, or --ogbench-dir), where this stage looks before downloading.'
+        f"{plan.dataset}: download failed ({error}). OGBench collected this dataset with trained expert policies "
+        f"whose weights are only on the OGBench download server, so it cannot be generated locally. Run this stage on "
+        f"a machine with internet (then `dvc push` to share the result), or place the OGBench files "
+        f"{', '.join(plan.files[:2])}{' ...' if len(plan.files) > 2 else ''} in the OGBench data folder "
+        f"(~/.ogbench/data, or --ogbench-dir), where this stage looks before downloading."
     )
 
 
@@ -243,76 +270,95 @@ def obtain_dataset(
     plan: DatasetPlan, data: DataParams, out: Path, ogbench_dir: Path, download: Downloader
 ) -> dict[str, Any]:
     """Download or generate one dataset into `out`, validate it; its manifest entry."""
-    if data.source in ('auto', 'download'):
+    if data.source in ("auto", "download"):
         try:
             source = download_dataset(plan, out, ogbench_dir, download)
-            return {'source': source, 'files': describe_files(plan, out, episode_length=None)}
+            return {"source": source, "files": describe_files(plan, out, episode_length=None)}
         except NETWORK_ERRORS as error:
             remove_dataset_files(out, plan)
-            if data.source == 'download':
+            if data.source == "download":
                 raise StageError(
-                    f'{plan.dataset}: download failed ({error}); set data.source: auto or generate to build it '
-                    f'locally with OGBench\'s oracles'
+                    f"{plan.dataset}: download failed ({error}); set data.source: auto or generate to build it "
+                    f"locally with OGBench's oracles"
                 ) from None
             if plan.spec.needs_expert_weights:
                 raise StageError(_offline_message(plan, error)) from None
-            log.warning("%s: download failed (%s): offline, generating with OGBench's oracles instead",
-                        plan.dataset, error)
+            log.warning(
+                "%s: download failed (%s): offline, generating with OGBench's oracles instead",
+                plan.dataset,
+                error,
+            )
         except DatasetFileError:
             remove_dataset_files(out, plan)  # a corrupt download must not stay behind looking complete
             raise
     recipe = generate_dataset(plan, data, out)
     return {
-        'source': 'generate',
-        'seed': data.seed,
-        'episodes': data.episodes,
-        'val_episodes': data.val_episode_count,
-        'recipe': recipe.as_dict(),
-        'files': describe_files(plan, out, episode_length=recipe.episode_steps),
+        "source": "generate",
+        "seed": data.seed,
+        "episodes": data.episodes,
+        "val_episodes": data.val_episode_count,
+        "recipe": recipe.as_dict(),
+        "files": describe_files(plan, out, episode_length=recipe.episode_steps),
     }
 
 
 def library_versions() -> dict[str, str]:
-    return {name: metadata.version(name) for name in ('ogbench', 'mujoco', 'numpy', 'gymnasium')}
+    return {name: metadata.version(name) for name in ("ogbench", "mujoco", "numpy", "gymnasium")}
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Deterministic JSON (sorted keys), written atomically."""
     path = out / MANIFEST
     tmp = temp_path(path)
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
-def run(params: Params, out: Path, ogbench_dir: Path, download: Downloader = ogbench_download) -> dict[str, Any]:
+def run(
+    params: Params, out: Path, ogbench_dir: Path, download: Downloader = ogbench_download
+) -> dict[str, Any]:
     """The whole stage: every dataset of the configured tasks into `out`, then the manifest. Returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     clean_outputs(out)
     plans = plan_datasets(params)
-    log.info('tasks %s need datasets %s (source: %s)', ', '.join(params.tasks),
-             ', '.join(p.dataset for p in plans), params.data.source)
+    log.info(
+        "tasks %s need datasets %s (source: %s)",
+        ", ".join(params.tasks),
+        ", ".join(p.dataset for p in plans),
+        params.data.source,
+    )
     datasets = {}
     for plan in plans:
         started = time.perf_counter()
         datasets[plan.dataset] = obtain_dataset(plan, params.data, out, ogbench_dir, download)
-        log.info('%s: done (%s) in %.1f s', plan.dataset, datasets[plan.dataset]['source'],
-                 time.perf_counter() - started)
+        log.info(
+            "%s: done (%s) in %.1f s",
+            plan.dataset,
+            datasets[plan.dataset]["source"],
+            time.perf_counter() - started,
+        )
     manifest = {
-        'datasets': datasets,
-        'tasks': {task: parse_task(task).dataset for task in params.tasks},
-        'versions': library_versions(),
+        "datasets": datasets,
+        "tasks": {task: parse_task(task).dataset for task in params.tasks},
+        "versions": library_versions(),
     }
     write_manifest(out, manifest)
-    log.info('wrote %s', out / MANIFEST)
+    log.info("wrote %s", out / MANIFEST)
     return manifest
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m stages.download', description=__doc__.split('\n\n')[0])
-    parser.add_argument('--params', type=Path, default=Path('params.yaml'), help='params file (default: params.yaml)')
-    parser.add_argument('--out', type=Path, default=DEFAULT_OUT, help=f'output folder (default: {DEFAULT_OUT})')
+    parser = argparse.ArgumentParser(prog="python -m stages.download", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        '--ogbench-dir', type=Path, default=Path('~/.ogbench/data').expanduser(),
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--ogbench-dir",
+        type=Path,
+        default=Path("~/.ogbench/data").expanduser(),
         help="OGBench's dataset folder, searched before downloading (default: ~/.ogbench/data)",
     )
     return parser.parse_args(argv)
@@ -321,27 +367,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; the exit status is 0 on success, 2 for invalid params, 1 for any other failure."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    for chatty in ('absl', 'OpenGL'):  # backend-selection notes from mujoco's and dm_control's imports
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("absl", "OpenGL"):  # backend-selection notes from mujoco's and dm_control's imports
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    os.environ.setdefault('MUJOCO_GL', 'egl')  # headless; this stage never renders
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless; this stage never renders
     try:
         params = load_params(args.params)
         run(params, args.out, args.ogbench_dir.expanduser())
     except ParamsError as error:
-        log.error('%s', error)
+        log.error("%s", error)
         return 2
     except (StageError, GenerationError, DatasetFileError) as error:
-        log.error('%s', error)
+        log.error("%s", error)
         return 1
     except KeyboardInterrupt:
-        log.error('interrupted: no manifest written, partial files removed')
+        log.error("interrupted: no manifest written, partial files removed")
         return 130
-    except Exception:  # noqa: BLE001 -- any other failure: say so with the traceback, exit non-zero
-        log.exception('download stage failed')
+    except Exception:
+        log.exception("download stage failed")
         return 1
     return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())

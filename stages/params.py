@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,27 +42,27 @@ class ParamsError(ValueError):
 # OGBench task naming
 # ---------------------------------------------------------------------------------------------------------------------
 
-MANIPULATION_TYPES = ('play', 'noisy')
+MANIPULATION_TYPES = ("play", "noisy")
 # Environment family -> dataset types OGBench publishes for it.
 DATASET_TYPES: dict[str, tuple[str, ...]] = {
-    **{f'cube-{n}': MANIPULATION_TYPES for n in ('single', 'double', 'triple', 'quadruple')},
-    'scene': MANIPULATION_TYPES,
-    **{f'puzzle-{n}': MANIPULATION_TYPES for n in ('3x3', '4x4', '4x5', '4x6')},
-    **{f'pointmaze-{n}': ('navigate', 'stitch') for n in ('medium', 'large', 'giant', 'teleport')},
-    **{f'antmaze-{n}': ('navigate', 'stitch', 'explore') for n in ('medium', 'large', 'teleport')},
-    'antmaze-giant': ('navigate', 'stitch'),
-    **{f'humanoidmaze-{n}': ('navigate', 'stitch') for n in ('medium', 'large', 'giant')},
-    **{f'antsoccer-{n}': ('navigate', 'stitch') for n in ('arena', 'medium')},
+    **{f"cube-{n}": MANIPULATION_TYPES for n in ("single", "double", "triple", "quadruple")},
+    "scene": MANIPULATION_TYPES,
+    **{f"puzzle-{n}": MANIPULATION_TYPES for n in ("3x3", "4x4", "4x5", "4x6")},
+    **{f"pointmaze-{n}": ("navigate", "stitch") for n in ("medium", "large", "giant", "teleport")},
+    **{f"antmaze-{n}": ("navigate", "stitch", "explore") for n in ("medium", "large", "teleport")},
+    "antmaze-giant": ("navigate", "stitch"),
+    **{f"humanoidmaze-{n}": ("navigate", "stitch") for n in ("medium", "large", "giant")},
+    **{f"antsoccer-{n}": ("navigate", "stitch") for n in ("arena", "medium")},
 }
-LARGE_SIZES = ('100m',)  # OGBench's large datasets: a folder of 100 files of 1M transitions each
-EXPERT_FAMILIES = ('antmaze-', 'humanoidmaze-', 'antsoccer-')  # datasets collected by trained expert policies
-BUTTON_FAMILIES = ('scene', 'puzzle-')  # environments whose raw files carry button_states
+LARGE_SIZES = ("100m",)  # OGBench's large datasets: a folder of 100 files of 1M transitions each
+EXPERT_FAMILIES = ("antmaze-", "humanoidmaze-", "antsoccer-")  # datasets collected by trained expert policies
+BUTTON_FAMILIES = ("scene", "puzzle-")  # environments whose raw files carry button_states
 
 _TASK_RE = re.compile(
-    r'^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<dataset_type>play|noisy|navigate|stitch|explore)'
-    r'(?:-(?P<size>[0-9]+[a-z]))?-singletask(?:-task(?P<task_id>[0-9]+))?-(?P<version>v[0-9]+)$'
+    r"^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<dataset_type>play|noisy|navigate|stitch|explore)"
+    r"(?:-(?P<size>[0-9]+[a-z]))?-singletask(?:-task(?P<task_id>[0-9]+))?-(?P<version>v[0-9]+)$"
 )
-_TASK_FORM = '<env>-<dataset type>[-100m]-singletask[-task<k>]-v0, e.g. cube-single-play-singletask-task2-v0'
+_TASK_FORM = "<env>-<dataset type>[-100m]-singletask[-task<k>]-v0, e.g. cube-single-play-singletask-task2-v0"
 
 
 @dataclass(frozen=True)
@@ -79,24 +79,24 @@ class TaskSpec:
     @property
     def dataset(self) -> str:
         """OGBench dataset name: `<family>-<type>[-100m]-v0` (a file, or a folder of files when large)."""
-        size = f'-{self.size}' if self.size else ''
-        return f'{self.family}-{self.dataset_type}{size}-{self.version}'
+        size = f"-{self.size}" if self.size else ""
+        return f"{self.family}-{self.dataset_type}{size}-{self.version}"
 
     @property
     def shard_stem(self) -> str:
         """Name stem of the files inside a large dataset's folder: `<stem>-000.npz`, `<stem>-000-val.npz`, ..."""
-        return f'{self.family}-{self.dataset_type}-{self.version}'
+        return f"{self.family}-{self.dataset_type}-{self.version}"
 
     @property
     def env(self) -> str:
         """Registered gymnasium id of the singletask environment (the dataset type and size removed)."""
-        task = f'-task{self.task_id}' if self.task_id is not None else ''
-        return f'{self.family}-singletask{task}-{self.version}'
+        task = f"-task{self.task_id}" if self.task_id is not None else ""
+        return f"{self.family}-singletask{task}-{self.version}"
 
     @property
     def preset_key(self) -> str:
         """Key of this task's environment in `PRESETS`, e.g. 'cube-double-play'."""
-        return f'{self.family}-{self.dataset_type}'
+        return f"{self.family}-{self.dataset_type}"
 
     @property
     def is_large(self) -> bool:
@@ -120,42 +120,51 @@ class TaskSpec:
 @lru_cache(maxsize=1)
 def _registered_env_ids() -> frozenset[str]:
     import gymnasium
-
     import ogbench  # noqa: F401  (registers OGBench's environments)
 
     return frozenset(gymnasium.envs.registry)
 
 
-@lru_cache(maxsize=None)
+@cache
 def parse_task(task: str) -> TaskSpec:
     """Parse and check an OGBench singletask name; ValueError with the reason when it is not one."""
     if not isinstance(task, str):
-        raise ValueError(f'a task name must be a string (got {task!r})')
+        raise TypeError(f"a task name must be a string (got {task!r})")
     match = _TASK_RE.match(task)
     if match is None:
-        raise ValueError(f'not an OGBench singletask name {task!r}: expected {_TASK_FORM}')
-    family, dataset_type, size = match['family'], match['dataset_type'], match['size']
-    if family.startswith('visual-'):
-        raise ValueError(f'{task!r}: pixel-based (visual-*) tasks are not supported by this pipeline')
+        raise ValueError(f"not an OGBench singletask name {task!r}: expected {_TASK_FORM}")
+    family, dataset_type, size = match["family"], match["dataset_type"], match["size"]
+    if family.startswith("visual-"):
+        raise ValueError(f"{task!r}: pixel-based (visual-*) tasks are not supported by this pipeline")
     if family not in DATASET_TYPES:
-        raise ValueError(f'{task!r}: unknown OGBench environment {family!r} (known: {", ".join(DATASET_TYPES)})')
+        raise ValueError(
+            f"{task!r}: unknown OGBench environment {family!r} (known: {', '.join(DATASET_TYPES)})"
+        )
     if dataset_type not in DATASET_TYPES[family]:
-        allowed = ', '.join(DATASET_TYPES[family])
-        raise ValueError(f'{task!r}: OGBench has no {dataset_type!r} dataset for {family} (it has: {allowed})')
+        allowed = ", ".join(DATASET_TYPES[family])
+        raise ValueError(
+            f"{task!r}: OGBench has no {dataset_type!r} dataset for {family} (it has: {allowed})"
+        )
     if size is not None and size not in LARGE_SIZES:
-        raise ValueError(f'{task!r}: unknown dataset size {size!r} (OGBench large datasets: {", ".join(LARGE_SIZES)})')
+        raise ValueError(
+            f"{task!r}: unknown dataset size {size!r} (OGBench large datasets: {', '.join(LARGE_SIZES)})"
+        )
     if size is not None and dataset_type not in MANIPULATION_TYPES:
-        raise ValueError(f'{task!r}: OGBench has {size} datasets only for manipulation (play/noisy) environments')
+        raise ValueError(
+            f"{task!r}: OGBench has {size} datasets only for manipulation (play/noisy) environments"
+        )
     spec = TaskSpec(
         task=task,
         family=family,
         dataset_type=dataset_type,
         size=size,
-        task_id=int(match['task_id']) if match['task_id'] is not None else None,
-        version=match['version'],
+        task_id=int(match["task_id"]) if match["task_id"] is not None else None,
+        version=match["version"],
     )
     if spec.env not in _registered_env_ids():
-        raise ValueError(f'{task!r}: OGBench registers no environment {spec.env!r} (singletask ids are task1..task5)')
+        raise ValueError(
+            f"{task!r}: OGBench registers no environment {spec.env!r} (singletask ids are task1..task5)"
+        )
     return spec
 
 
@@ -190,20 +199,24 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    'scene-play': Preset(alpha=3.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=True),
-    'puzzle-3x3-play': Preset(alpha=1.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=True),
-    'puzzle-4x4-play': Preset(alpha=1.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=True),
-    'cube-double-play': Preset(alpha=10.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False),
-    'cube-triple-play': Preset(alpha=1.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False),
-    'cube-quadruple-play': Preset(alpha=1.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=False),
-    'antmaze-large-navigate': Preset(alpha=0.1, expectile=0.5, rho=0.5, h=1, discount=0.99, sparse=False),
-    'antmaze-giant-navigate': Preset(alpha=0.1, expectile=0.5, rho=0.5, h=1, discount=0.995, sparse=False),
-    'humanoidmaze-medium-navigate': Preset(alpha=0.3, expectile=0.5, rho=0.0, h=1, discount=0.995, sparse=False),
-    'humanoidmaze-large-navigate': Preset(alpha=0.3, expectile=0.5, rho=0.0, h=1, discount=0.995, sparse=False),
+    "scene-play": Preset(alpha=3.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=True),
+    "puzzle-3x3-play": Preset(alpha=1.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=True),
+    "puzzle-4x4-play": Preset(alpha=1.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=True),
+    "cube-double-play": Preset(alpha=10.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False),
+    "cube-triple-play": Preset(alpha=1.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False),
+    "cube-quadruple-play": Preset(alpha=1.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=False),
+    "antmaze-large-navigate": Preset(alpha=0.1, expectile=0.5, rho=0.5, h=1, discount=0.99, sparse=False),
+    "antmaze-giant-navigate": Preset(alpha=0.1, expectile=0.5, rho=0.5, h=1, discount=0.995, sparse=False),
+    "humanoidmaze-medium-navigate": Preset(
+        alpha=0.3, expectile=0.5, rho=0.0, h=1, discount=0.995, sparse=False
+    ),
+    "humanoidmaze-large-navigate": Preset(
+        alpha=0.3, expectile=0.5, rho=0.0, h=1, discount=0.995, sparse=False
+    ),
 }
 # Environments the reference never ran (e.g. cube-single): documented defaults; sparse follows the family rule.
 DEFAULT_PRESET = Preset(alpha=3.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False)
-PRESET_NAMES = ('auto', 'default', *PRESETS)
+PRESET_NAMES = ("auto", "default", *PRESETS)
 
 
 def preset_for_task(task: str) -> tuple[str, Preset]:
@@ -211,7 +224,7 @@ def preset_for_task(task: str) -> tuple[str, Preset]:
     spec = parse_task(task)
     if spec.preset_key in PRESETS:
         return spec.preset_key, PRESETS[spec.preset_key]
-    return 'default', dataclasses.replace(DEFAULT_PRESET, sparse=spec.sparse_family)
+    return "default", dataclasses.replace(DEFAULT_PRESET, sparse=spec.sparse_family)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,12 +258,12 @@ Bool = Annotated[bool, Strict()]
 
 
 def _auto_or_bool(value: Any) -> Any:
-    if value == 'auto' or isinstance(value, bool):
+    if value == "auto" or isinstance(value, bool):
         return value
     raise ValueError(f"must be auto, true or false (got {value!r})")
 
 
-AutoOrBool = Annotated[Literal['auto'] | bool, BeforeValidator(_auto_or_bool)]
+AutoOrBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
 
 
 def _check_task_name(task: str) -> str:
@@ -260,7 +273,7 @@ def _check_task_name(task: str) -> str:
 
 def _check_preset_name(name: str) -> str:
     if name not in PRESET_NAMES:
-        raise ValueError(f'unknown preset {name!r} (allowed: {", ".join(PRESET_NAMES)})')
+        raise ValueError(f"unknown preset {name!r} (allowed: {', '.join(PRESET_NAMES)})")
     return name
 
 
@@ -268,29 +281,31 @@ def _unique(values: list) -> list:
     seen = set()
     repeated = [v for v in values if v in seen or seen.add(v)]
     if repeated:
-        raise ValueError(f'duplicate entries: {", ".join(map(str, dict.fromkeys(repeated)))}')
+        raise ValueError(f"duplicate entries: {', '.join(map(str, dict.fromkeys(repeated)))}")
     return values
 
 
 TaskName = Annotated[str, Strict(), AfterValidator(_check_task_name)]
-AgentName = Literal['rql', 'rql_cached', 'rql_refresh', 'fql', 'bc_flow']  # see stages/agent_setup.py
+AgentName = Literal["rql", "rql_cached", "rql_refresh", "fql", "bc_flow"]  # see stages/agent_setup.py
 LayerSizes = Annotated[list[PositiveInt], Field(min_length=1)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra='forbid', frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataParams(_Section):
     """`download` stage: where datasets come from and how generated ones are sized."""
 
-    source: Literal['auto', 'download', 'generate']
+    source: Literal["auto", "download", "generate"]
     episodes: PositiveInt  # training episodes per generated dataset (per file for 100m datasets)
     val_episodes: PositiveInt | None  # None: max(1, episodes // 10)
     workers: PositiveInt  # generation processes
     seed: NonNegativeInt
     sparse: AutoOrBool  # auto: the task's environment preset
-    episode_steps: _int(ge=2) | None = None  # None: OGBench's length (1001 for manipulation and pointmaze navigate)
+    episode_steps: _int(ge=2) | None = (
+        None  # None: OGBench's length (1001 for manipulation and pointmaze navigate)
+    )
     shards: _int(ge=1, le=100) = 100  # 100m datasets only: 1M-transition files to download or generate
 
     @property
@@ -332,7 +347,7 @@ class PriorParams(_Section):
 
 
 class ReverseParams(_Section):
-    method: Literal['exact', 'euler']
+    method: Literal["exact", "euler"]
     iterations: PositiveInt
     tolerance: PositiveFloat
     batch_size: PositiveInt
@@ -341,13 +356,13 @@ class ReverseParams(_Section):
 
 class TrainParams(_Section):
     steps: PositiveInt
-    reversal: Literal['online', 'cached']
+    reversal: Literal["online", "cached"]
     refresh_every: NonNegativeInt
     updates_per_call: PositiveInt
     log_every: PositiveInt
     checkpoint_every: PositiveInt
     eval_every: NonNegativeInt
-    device: Literal['auto', 'cpu', 'gpu']
+    device: Literal["auto", "cpu", "gpu"]
 
 
 class EvaluateParams(_Section):
@@ -373,7 +388,7 @@ class Params(_Section):
     train: TrainParams
     evaluate: EvaluateParams
 
-    _no_duplicates = field_validator('tasks', 'seeds', 'agents')(_unique)
+    _no_duplicates = field_validator("tasks", "seeds", "agents")(_unique)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,10 +427,10 @@ def resolve_agent(params: Params, task: str) -> ResolvedAgent:
     """Effective agent settings for `task`. `agent.preset: auto` uses the task's environment preset, a named preset
     is used for every task; `null` values in `agent` come from the preset, explicit values override."""
     agent = params.agent
-    if agent.preset == 'auto':
+    if agent.preset == "auto":
         name, preset = preset_for_task(task)
-    elif agent.preset == 'default':
-        name, preset = 'default', DEFAULT_PRESET
+    elif agent.preset == "default":
+        name, preset = "default", DEFAULT_PRESET
     else:
         name, preset = agent.preset, PRESETS[agent.preset]
 
@@ -425,11 +440,11 @@ def resolve_agent(params: Params, task: str) -> ResolvedAgent:
 
     return ResolvedAgent(
         preset=name,
-        alpha=float(pick('alpha')),
-        expectile=float(pick('expectile')),
-        rho=float(pick('rho')),
-        h=int(pick('h')),
-        discount=float(pick('discount')),
+        alpha=float(pick("alpha")),
+        expectile=float(pick("expectile")),
+        rho=float(pick("rho")),
+        h=int(pick("h")),
+        discount=float(pick("discount")),
         lr=agent.lr,
         batch_size=agent.batch_size,
         tau=agent.tau,
@@ -447,48 +462,48 @@ def consistency_errors(params: Params) -> list[str]:
     """`key: problem` lines for settings that are valid alone but contradict each other."""
     errors = []
     train, data = params.train, params.data
-    refreshing = train.reversal == 'cached' or 'rql_refresh' in params.agents
+    refreshing = train.reversal == "cached" or "rql_refresh" in params.agents
     if train.refresh_every > 0 and not refreshing:
         errors.append(
-            f'train.refresh_every: only used with train.reversal: cached or the rql_refresh agent, but reversal is '
-            f'online (got refresh_every={train.refresh_every}; set it to 0, use reversal: cached, or add rql_refresh)'
+            f"train.refresh_every: only used with train.reversal: cached or the rql_refresh agent, but reversal is "
+            f"online (got refresh_every={train.refresh_every}; set it to 0, use reversal: cached, or add rql_refresh)"
         )
-    if 'rql_refresh' in params.agents and train.refresh_every == 0:
-        errors.append('train.refresh_every: the rql_refresh agent needs refresh_every > 0 (got 0)')
+    if "rql_refresh" in params.agents and train.refresh_every == 0:
+        errors.append("train.refresh_every: the rql_refresh agent needs refresh_every > 0 (got 0)")
     if train.refresh_every and train.checkpoint_every % train.refresh_every:
         errors.append(
-            f'train.checkpoint_every: must be a multiple of train.refresh_every={train.refresh_every} so that a '
-            f'resumed run rebuilds the same cache (got {train.checkpoint_every})'
+            f"train.checkpoint_every: must be a multiple of train.refresh_every={train.refresh_every} so that a "
+            f"resumed run rebuilds the same cache (got {train.checkpoint_every})"
         )
     if params.prior.steps % train.updates_per_call:
         errors.append(
-            f'prior.steps: must be a multiple of train.updates_per_call={train.updates_per_call} '
-            f'(got {params.prior.steps})'
+            f"prior.steps: must be a multiple of train.updates_per_call={train.updates_per_call} "
+            f"(got {params.prior.steps})"
         )
-    for key in ('steps', 'log_every', 'checkpoint_every', 'eval_every', 'refresh_every'):
+    for key in ("steps", "log_every", "checkpoint_every", "eval_every", "refresh_every"):
         value = getattr(train, key)
         if value % train.updates_per_call:
             errors.append(
-                f'train.{key}: must be a multiple of train.updates_per_call={train.updates_per_call} '
-                f'(updates run in fused calls of that many steps; got {value})'
+                f"train.{key}: must be a multiple of train.updates_per_call={train.updates_per_call} "
+                f"(updates run in fused calls of that many steps; got {value})"
             )
     if params.evaluate.workers > params.evaluate.envs:
         errors.append(
-            f'evaluate.workers: more env worker processes than environments '
-            f'(got workers={params.evaluate.workers} > envs={params.evaluate.envs})'
+            f"evaluate.workers: more env worker processes than environments "
+            f"(got workers={params.evaluate.workers} > envs={params.evaluate.envs})"
         )
     for i, task in enumerate(params.tasks):
         spec = parse_task(task)
-        if spec.needs_expert_weights and data.source == 'generate':
+        if spec.needs_expert_weights and data.source == "generate":
             errors.append(
-                f'data.source: generate cannot build {spec.dataset} needed by tasks[{i}] ({task}): OGBench made it '
-                f'with expert policies whose weights are only on the OGBench server; use source: auto or download'
+                f"data.source: generate cannot build {spec.dataset} needed by tasks[{i}] ({task}): OGBench made it "
+                f"with expert policies whose weights are only on the OGBench server; use source: auto or download"
             )
         h = resolve_agent(params, task).h
         if data.episode_steps is not None and data.episode_steps - 1 < h:
             errors.append(
-                f'data.episode_steps: episodes of {data.episode_steps} rows hold {data.episode_steps - 1} '
-                f'transitions, fewer than the action chunk h={h} of tasks[{i}] ({task})'
+                f"data.episode_steps: episodes of {data.episode_steps} rows hold {data.episode_steps - 1} "
+                f"transitions, fewer than the action chunk h={h} of tasks[{i}] ({task})"
             )
     return errors
 
@@ -501,17 +516,17 @@ def consistency_errors(params: Params) -> list[str]:
 def _key_path(loc: tuple) -> str:
     """'data.episodes', 'tasks[0]': the params.yaml key of a pydantic error location (union/validator tags dropped)."""
     model: type[BaseModel] | None = Params
-    path = ''
+    path = ""
     for part in loc:
         if isinstance(part, int):
-            path += f'[{part}]'
+            path += f"[{part}]"
             continue
         if model is None or part not in model.model_fields:
             break  # a tag pydantic adds inside one key's value (e.g. which union branch failed)
-        path += f'.{part}' if path else part
+        path += f".{part}" if path else part
         annotation = model.model_fields[part].annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return path or '(top level)'
+    return path or "(top level)"
 
 
 def _section_fields(loc: tuple) -> list[str]:
@@ -529,32 +544,32 @@ def _section_fields(loc: tuple) -> list[str]:
 
 def _describe(error: dict) -> tuple[str, str]:
     """(key path, message) of one pydantic error, phrased for a person editing params.yaml."""
-    loc = tuple(error['loc'])
-    if error['type'] == 'extra_forbidden':
-        parent = _key_path(loc[:-1]) if loc[:-1] else ''
-        allowed = ', '.join(_section_fields(loc[:-1]))
-        return f'{parent}.{loc[-1]}' if parent else str(loc[-1]), f'unknown key (allowed here: {allowed})'
-    if error['type'] == 'missing':
-        return _key_path(loc), 'missing (every key must be set in params.yaml)'
-    message = error['msg'].removeprefix('Value error, ')
-    if error['type'] != 'value_error' and 'input' in error:
-        message = f'{message} (got {error["input"]!r})'
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = _key_path(loc[:-1]) if loc[:-1] else ""
+        allowed = ", ".join(_section_fields(loc[:-1]))
+        return f"{parent}.{loc[-1]}" if parent else str(loc[-1]), f"unknown key (allowed here: {allowed})"
+    if error["type"] == "missing":
+        return _key_path(loc), "missing (every key must be set in params.yaml)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] != "value_error" and "input" in error:
+        message = f"{message} (got {error['input']!r})"
     return _key_path(loc), message
 
 
 def _format_errors(source: str, lines: list[str]) -> str:
-    head = f'{source}: {len(lines)} invalid setting{"s" if len(lines) > 1 else ""}:'
-    return '\n'.join([head, *(f'  - {line}' for line in lines)])
+    head = f"{source}: {len(lines)} invalid setting{'s' if len(lines) > 1 else ''}:"
+    return "\n".join([head, *(f"  - {line}" for line in lines)])
 
 
-def validate_params(raw: Any, source: str = 'params') -> Params:
+def validate_params(raw: Any, source: str = "params") -> Params:
     """Validate a parsed params mapping; ParamsError naming every bad key."""
     if not isinstance(raw, dict):
-        raise ParamsError(f'{source}: the top level must be a mapping of sections (got {type(raw).__name__})')
+        raise ParamsError(f"{source}: the top level must be a mapping of sections (got {type(raw).__name__})")
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
-        described = dict.fromkeys(': '.join(_describe(e)) for e in exc.errors())  # dedupe union branches
+        described = dict.fromkeys(": ".join(_describe(e)) for e in exc.errors())  # dedupe union branches
         raise ParamsError(_format_errors(source, list(described))) from None
     errors = consistency_errors(params)
     if errors:
@@ -562,15 +577,15 @@ def validate_params(raw: Any, source: str = 'params') -> Params:
     return params
 
 
-def load_params(path: str | Path = 'params.yaml') -> Params:
+def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; ParamsError (never another exception) on any problem."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ParamsError(f'{path}: cannot read the params file ({exc.strerror or exc})') from None
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ParamsError(f'{path}: not valid YAML: {exc}') from None
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     return validate_params(raw, source=str(path))

@@ -19,17 +19,26 @@ from stages.core.ogbench_generate import GenerationError, generate_splits, recip
 from stages.params import validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
-MAZE_TASK = 'pointmaze-medium-navigate-singletask-task1-v0'
-MAZE = 'pointmaze-medium-navigate-v0'
+MAZE_TASK = "pointmaze-medium-navigate-singletask-task1-v0"
+MAZE = "pointmaze-medium-navigate-v0"
 STEPS = 30
 
 
-def tiny_params(tmp_path: Path, name: str = 'params.yaml', tasks=(MAZE_TASK,), **data) -> Path:
+def tiny_params(tmp_path: Path, name: str = "params.yaml", tasks=(MAZE_TASK,), **data) -> Path:
     """The repository's params.yaml with tiny data settings (and `data` overrides), written to tmp_path."""
-    raw = yaml.safe_load((ROOT / 'params.yaml').read_text())
-    raw['tasks'] = list(tasks)
-    raw['data'].update(dict(source='generate', episodes=2, val_episodes=1, workers=1, seed=0, episode_steps=STEPS))
-    raw['data'].update(data)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tasks"] = list(tasks)
+    raw["data"].update(
+        {
+            "source": "generate",
+            "episodes": 2,
+            "val_episodes": 1,
+            "workers": 1,
+            "seed": 0,
+            "episode_steps": STEPS,
+        }
+    )
+    raw["data"].update(data)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -39,14 +48,14 @@ def params_of(tmp_path: Path, **kwargs):
     return validate_params(yaml.safe_load(tiny_params(tmp_path, **kwargs).read_text()))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def maze_splits() -> dict[str, dict[str, np.ndarray]]:
     recipe = recipe_for_dataset(MAZE, episode_steps=STEPS)
     return generate_splits(recipe, episodes=2, val_episodes=1, seed=11, progress=False)
 
 
 def offline(stems, folder, base_url):
-    raise urllib.error.URLError('Name or service not known')
+    raise urllib.error.URLError("Name or service not known")
 
 
 class FakeServer:
@@ -59,15 +68,15 @@ class FakeServer:
         self.calls.append((list(stems), folder, base_url))
         folder.mkdir(parents=True, exist_ok=True)
         for stem in stems:
-            write_npz(folder / f'{stem}.npz', self.splits['train'])
-            write_npz(folder / f'{stem}-val.npz', self.splits['val'])
+            write_npz(folder / f"{stem}.npz", self.splits["train"])
+            write_npz(folder / f"{stem}-val.npz", self.splits["val"])
             if self.truncate:
-                data = (folder / f'{stem}.npz').read_bytes()
-                (folder / f'{stem}.npz').write_bytes(data[: len(data) // 2])
+                data = (folder / f"{stem}.npz").read_bytes()
+                (folder / f"{stem}.npz").write_bytes(data[: len(data) // 2])
 
 
 def manifest_of(out: Path) -> dict:
-    return json.loads((out / 'manifest.json').read_text())
+    return json.loads((out / "manifest.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,41 +85,52 @@ def manifest_of(out: Path) -> dict:
 
 
 def test_stage_cli_generates_ogbench_files_byte_identically(tmp_path):
-    params = tiny_params(tmp_path, tasks=['cube-single-play-singletask-task2-v0'])
-    first, second = tmp_path / 'first', tmp_path / 'second'
-    command = [sys.executable, '-m', 'stages.download', '--params', str(params), '--ogbench-dir', str(tmp_path / 'none')]
-    result = subprocess.run([*command, '--out', str(first)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    params = tiny_params(tmp_path, tasks=["cube-single-play-singletask-task2-v0"])
+    first, second = tmp_path / "first", tmp_path / "second"
+    command = [
+        sys.executable,
+        "-m",
+        "stages.download",
+        "--params",
+        str(params),
+        "--ogbench-dir",
+        str(tmp_path / "none"),
+    ]
+    result = subprocess.run(
+        [*command, "--out", str(first)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr
-    assert 'cube-single-play-v0.npz: valid, 60 rows in 2 episodes' in result.stderr
-    assert download.main([*command[3:], '--out', str(second)]) == 0  # same params, in this process
+    assert "cube-single-play-v0.npz: valid, 60 rows in 2 episodes" in result.stderr
+    assert download.main([*command[3:], "--out", str(second)]) == 0  # same params, in this process
 
     names = sorted(p.name for p in first.iterdir())
-    assert names == ['cube-single-play-v0-val.npz', 'cube-single-play-v0.npz', 'manifest.json']
+    assert names == ["cube-single-play-v0-val.npz", "cube-single-play-v0.npz", "manifest.json"]
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
     manifest = manifest_of(first)
-    entry = manifest['datasets']['cube-single-play-v0']
-    assert (entry['source'], entry['seed'], entry['episodes'], entry['val_episodes']) == ('generate', 0, 2, 1)
-    assert entry['recipe']['episode_steps'] == STEPS and entry['recipe']['noise'] == 0.1
-    for name, described in entry['files'].items():
-        assert described['sha256'] == sha256_file(first / name)
-    assert entry['files']['cube-single-play-v0.npz']['rows'] == 2 * STEPS
-    assert manifest['versions']['ogbench'] == '1.2.2' and manifest['versions']['mujoco'] == '4.0.0'
-    assert manifest['tasks'] == {'cube-single-play-singletask-task2-v0': 'cube-single-play-v0'}
+    entry = manifest["datasets"]["cube-single-play-v0"]
+    assert (entry["source"], entry["seed"], entry["episodes"], entry["val_episodes"]) == ("generate", 0, 2, 1)
+    assert entry["recipe"]["episode_steps"] == STEPS and entry["recipe"]["noise"] == 0.1
+    for name, described in entry["files"].items():
+        assert described["sha256"] == sha256_file(first / name)
+    assert entry["files"]["cube-single-play-v0.npz"]["rows"] == 2 * STEPS
+    assert manifest["versions"]["ogbench"] == "1.2.2" and manifest["versions"]["mujoco"] == "4.0.0"
+    assert manifest["tasks"] == {"cube-single-play-singletask-task2-v0": "cube-single-play-v0"}
 
     _, train, val = ogbench.make_env_and_datasets(
-        'cube-single-play-singletask-task2-v0', dataset_dir=str(first), compact_dataset=False)
-    assert train['observations'].shape == (2 * (STEPS - 1), 28) and len(val['rewards']) == STEPS - 1
+        "cube-single-play-singletask-task2-v0", dataset_dir=str(first), compact_dataset=False
+    )
+    assert train["observations"].shape == (2 * (STEPS - 1), 28) and len(val["rewards"]) == STEPS - 1
 
 
 def test_another_seed_gives_other_files(tmp_path):
     outs = []
     for seed in (0, 1):
-        outs.append(tmp_path / f'seed{seed}')
-        download.run(params_of(tmp_path, seed=seed), outs[-1], tmp_path / 'none')
-    assert (outs[0] / f'{MAZE}.npz').read_bytes() != (outs[1] / f'{MAZE}.npz').read_bytes()
-    assert manifest_of(outs[1])['datasets'][MAZE]['seed'] == 1
+        outs.append(tmp_path / f"seed{seed}")
+        download.run(params_of(tmp_path, seed=seed), outs[-1], tmp_path / "none")
+    assert (outs[0] / f"{MAZE}.npz").read_bytes() != (outs[1] / f"{MAZE}.npz").read_bytes()
+    assert manifest_of(outs[1])["datasets"][MAZE]["seed"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,11 +139,13 @@ def test_another_seed_gives_other_files(tmp_path):
 
 
 def test_auto_falls_back_to_generation_when_offline_and_says_so(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger='stages.download')
-    manifest = download.run(params_of(tmp_path, source='auto'), tmp_path / 'out', tmp_path / 'none', download=offline)
-    assert manifest['datasets'][MAZE]['source'] == 'generate'
+    caplog.set_level(logging.INFO, logger="stages.download")
+    manifest = download.run(
+        params_of(tmp_path, source="auto"), tmp_path / "out", tmp_path / "none", download=offline
+    )
+    assert manifest["datasets"][MAZE]["source"] == "generate"
     assert "offline, generating with OGBench's oracles instead" in caplog.text
-    assert 'Name or service not known' in caplog.text
+    assert "Name or service not known" in caplog.text
 
 
 def test_the_default_downloader_is_ogbench_s_own(tmp_path, monkeypatch, caplog):
@@ -132,60 +154,80 @@ def test_the_default_downloader_is_ogbench_s_own(tmp_path, monkeypatch, caplog):
 
     def no_network(url, *args, **kwargs):
         requested.append(url)
-        raise urllib.error.URLError('network unreachable')
+        raise urllib.error.URLError("network unreachable")
 
-    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
-    download.run(params_of(tmp_path, source='auto'), tmp_path / 'out', tmp_path / 'none')
-    assert requested == [f'{download.OGBENCH_URL}/{MAZE}.npz']
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    download.run(params_of(tmp_path, source="auto"), tmp_path / "out", tmp_path / "none")
+    assert requested == [f"{download.OGBENCH_URL}/{MAZE}.npz"]
     assert "offline, generating with OGBench's oracles instead" in caplog.text
 
 
 def test_download_source_fetches_and_validates(tmp_path, maze_splits):
     server = FakeServer(maze_splits)
-    manifest = download.run(params_of(tmp_path, source='download'), tmp_path / 'out', tmp_path / 'none',
-                            download=server)
-    assert server.calls == [([MAZE], tmp_path / 'out', download.OGBENCH_URL)]
-    entry = manifest['datasets'][MAZE]
-    assert entry['source'] == 'download' and 'seed' not in entry
-    assert entry['files'][f'{MAZE}.npz']['episodes'] == 2
+    manifest = download.run(
+        params_of(tmp_path, source="download"), tmp_path / "out", tmp_path / "none", download=server
+    )
+    assert server.calls == [([MAZE], tmp_path / "out", download.OGBENCH_URL)]
+    entry = manifest["datasets"][MAZE]
+    assert entry["source"] == "download" and "seed" not in entry
+    assert entry["files"][f"{MAZE}.npz"]["episodes"] == 2
 
 
 def test_large_datasets_download_each_file_from_its_folder(tmp_path, maze_splits):
-    with_buttons = {split: {**arrays, 'button_states': np.zeros((len(arrays['terminals']), 16), np.int64)}
-                    for split, arrays in maze_splits.items()}
+    with_buttons = {
+        split: {**arrays, "button_states": np.zeros((len(arrays["terminals"]), 16), np.int64)}
+        for split, arrays in maze_splits.items()
+    }
     server = FakeServer(with_buttons)
-    task = 'puzzle-4x4-play-100m-singletask-task1-v0'
-    out = tmp_path / 'out'
-    manifest = download.run(params_of(tmp_path, tasks=[task], source='download', shards=2), out, tmp_path / 'none',
-                            download=server)
-    folder = out / 'puzzle-4x4-play-100m-v0'
-    url = f'{download.OGBENCH_URL}/puzzle-4x4-play-100m-v0'
-    assert server.calls == [(['puzzle-4x4-play-v0-000'], folder, url), (['puzzle-4x4-play-v0-001'], folder, url)]
-    assert sorted(manifest['datasets']['puzzle-4x4-play-100m-v0']['files']) == [
-        f'puzzle-4x4-play-100m-v0/puzzle-4x4-play-v0-00{i}{suffix}.npz' for i in (0, 1) for suffix in ('-val', '')]
+    task = "puzzle-4x4-play-100m-singletask-task1-v0"
+    out = tmp_path / "out"
+    manifest = download.run(
+        params_of(tmp_path, tasks=[task], source="download", shards=2),
+        out,
+        tmp_path / "none",
+        download=server,
+    )
+    folder = out / "puzzle-4x4-play-100m-v0"
+    url = f"{download.OGBENCH_URL}/puzzle-4x4-play-100m-v0"
+    assert server.calls == [
+        (["puzzle-4x4-play-v0-000"], folder, url),
+        (["puzzle-4x4-play-v0-001"], folder, url),
+    ]
+    assert sorted(manifest["datasets"]["puzzle-4x4-play-100m-v0"]["files"]) == [
+        f"puzzle-4x4-play-100m-v0/puzzle-4x4-play-v0-00{i}{suffix}.npz"
+        for i in (0, 1)
+        for suffix in ("-val", "")
+    ]
 
 
 def test_large_datasets_generate_one_file_pair_per_shard(tmp_path):
-    task = 'puzzle-3x3-play-100m-singletask-task1-v0'
-    out = tmp_path / 'out'
-    download.run(params_of(tmp_path, tasks=[task], shards=2, episode_steps=10, episodes=1), out, tmp_path / 'none')
-    folder = out / 'puzzle-3x3-play-100m-v0'
+    task = "puzzle-3x3-play-100m-singletask-task1-v0"
+    out = tmp_path / "out"
+    download.run(
+        params_of(tmp_path, tasks=[task], shards=2, episode_steps=10, episodes=1), out, tmp_path / "none"
+    )
+    folder = out / "puzzle-3x3-play-100m-v0"
     assert sorted(p.name for p in folder.iterdir()) == [
-        'puzzle-3x3-play-v0-000-val.npz', 'puzzle-3x3-play-v0-000.npz',
-        'puzzle-3x3-play-v0-001-val.npz', 'puzzle-3x3-play-v0-001.npz']
-    first = read_npz(folder / 'puzzle-3x3-play-v0-000.npz')
-    second = read_npz(folder / 'puzzle-3x3-play-v0-001.npz')
-    assert first['button_states'].dtype == np.int64
-    assert not np.array_equal(first['observations'], second['observations'])  # each file has its own episodes
+        "puzzle-3x3-play-v0-000-val.npz",
+        "puzzle-3x3-play-v0-000.npz",
+        "puzzle-3x3-play-v0-001-val.npz",
+        "puzzle-3x3-play-v0-001.npz",
+    ]
+    first = read_npz(folder / "puzzle-3x3-play-v0-000.npz")
+    second = read_npz(folder / "puzzle-3x3-play-v0-001.npz")
+    assert first["button_states"].dtype == np.int64
+    assert not np.array_equal(first["observations"], second["observations"])  # each file has its own episodes
 
 
 def test_files_in_the_ogbench_folder_are_used_before_downloading(tmp_path, maze_splits):
-    ogbench_dir = tmp_path / 'ogbench'
-    FakeServer(maze_splits)([MAZE], ogbench_dir, '')
+    ogbench_dir = tmp_path / "ogbench"
+    FakeServer(maze_splits)([MAZE], ogbench_dir, "")
     server = FakeServer(maze_splits)
-    manifest = download.run(params_of(tmp_path, source='download'), tmp_path / 'out', ogbench_dir, download=server)
-    assert server.calls == [] and manifest['datasets'][MAZE]['source'] == 'ogbench-dir'
-    assert (tmp_path / 'out' / f'{MAZE}.npz').read_bytes() == (ogbench_dir / f'{MAZE}.npz').read_bytes()
+    manifest = download.run(
+        params_of(tmp_path, source="download"), tmp_path / "out", ogbench_dir, download=server
+    )
+    assert server.calls == [] and manifest["datasets"][MAZE]["source"] == "ogbench-dir"
+    assert (tmp_path / "out" / f"{MAZE}.npz").read_bytes() == (ogbench_dir / f"{MAZE}.npz").read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,56 +236,81 @@ def test_files_in_the_ogbench_folder_are_used_before_downloading(tmp_path, maze_
 
 
 def test_expert_datasets_offline_fail_with_what_to_do(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(urllib.request, 'urlopen', lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError('x')))
-    params = tiny_params(tmp_path, tasks=['antmaze-large-navigate-singletask-task1-v0'], source='auto')
-    out = tmp_path / 'out'
-    assert download.main(['--params', str(params), '--out', str(out), '--ogbench-dir', str(tmp_path / 'none')]) == 1
-    assert 'expert policies whose weights are only on the OGBench download server' in caplog.text
-    assert 'machine with internet' in caplog.text and '~/.ogbench/data' in caplog.text
+    monkeypatch.setattr(
+        urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x"))
+    )
+    params = tiny_params(tmp_path, tasks=["antmaze-large-navigate-singletask-task1-v0"], source="auto")
+    out = tmp_path / "out"
+    assert (
+        download.main(["--params", str(params), "--out", str(out), "--ogbench-dir", str(tmp_path / "none")])
+        == 1
+    )
+    assert "expert policies whose weights are only on the OGBench download server" in caplog.text
+    assert "machine with internet" in caplog.text and "~/.ogbench/data" in caplog.text
     assert list(out.iterdir()) == []
 
 
 def test_download_source_offline_is_an_error(tmp_path):
-    with pytest.raises(download.StageError, match=f'{MAZE}: download failed .*data.source: auto or generate'):
-        download.run(params_of(tmp_path, source='download'), tmp_path / 'out', tmp_path / 'none', download=offline)
+    with pytest.raises(download.StageError, match=f"{MAZE}: download failed .*data.source: auto or generate"):
+        download.run(
+            params_of(tmp_path, source="download"), tmp_path / "out", tmp_path / "none", download=offline
+        )
 
 
 def test_a_corrupt_download_is_named_and_removed(tmp_path, maze_splits):
-    out = tmp_path / 'out'
-    with pytest.raises(DatasetFileError, match=rf'{MAZE}\.npz: truncated or corrupt npz'):
-        download.run(params_of(tmp_path, source='auto'), out, tmp_path / 'none',
-                     download=FakeServer(maze_splits, truncate=True))
+    out = tmp_path / "out"
+    with pytest.raises(DatasetFileError, match=rf"{MAZE}\.npz: truncated or corrupt npz"):
+        download.run(
+            params_of(tmp_path, source="auto"),
+            out,
+            tmp_path / "none",
+            download=FakeServer(maze_splits, truncate=True),
+        )
     assert list(out.iterdir()) == []
 
 
 def test_invalid_params_exit_2_naming_the_key_before_any_work(tmp_path, caplog):
     params = tiny_params(tmp_path, episodes=0)
-    out = tmp_path / 'out'
-    assert download.main(['--params', str(params), '--out', str(out)]) == 2
-    assert 'data.episodes: Input should be greater than 0' in caplog.text
+    out = tmp_path / "out"
+    assert download.main(["--params", str(params), "--out", str(out)]) == 2
+    assert "data.episodes: Input should be greater than 0" in caplog.text
     assert not out.exists()
 
 
 def test_a_failed_run_leaves_no_manifest_and_no_stale_files(tmp_path, monkeypatch, caplog):
-    out = tmp_path / 'out'
-    (out / 'old-100m-v0').mkdir(parents=True)
-    for stale in ('manifest.json', 'cube-double-play-v0.npz', f'{MAZE}.npz.tmp', 'old-100m-v0/old-v0-000.npz'):
-        (out / stale).write_text('from an earlier run')
+    out = tmp_path / "out"
+    (out / "old-100m-v0").mkdir(parents=True)
+    for stale in (
+        "manifest.json",
+        "cube-double-play-v0.npz",
+        f"{MAZE}.npz.tmp",
+        "old-100m-v0/old-v0-000.npz",
+    ):
+        (out / stale).write_text("from an earlier run")
 
     def broken(*args, **kwargs):
-        raise GenerationError('simulated failure in the middle of generation')
+        raise GenerationError("simulated failure in the middle of generation")
 
-    monkeypatch.setattr(download, 'generate_splits', broken)
+    monkeypatch.setattr(download, "generate_splits", broken)
     params = tiny_params(tmp_path)
-    assert download.main(['--params', str(params), '--out', str(out), '--ogbench-dir', str(tmp_path / 'none')]) == 1
-    assert 'simulated failure' in caplog.text
+    assert (
+        download.main(["--params", str(params), "--out", str(out), "--ogbench-dir", str(tmp_path / "none")])
+        == 1
+    )
+    assert "simulated failure" in caplog.text
     assert list(out.iterdir()) == []
 
 
 def test_plan_lists_each_dataset_once_with_its_files(tmp_path):
-    tasks = [MAZE_TASK, 'pointmaze-medium-navigate-singletask-task3-v0', 'cube-quadruple-play-100m-singletask-task1-v0']
+    tasks = [
+        MAZE_TASK,
+        "pointmaze-medium-navigate-singletask-task3-v0",
+        "cube-quadruple-play-100m-singletask-task1-v0",
+    ]
     plans = download.plan_datasets(params_of(tmp_path, tasks=tasks, shards=3))
-    assert [p.dataset for p in plans] == [MAZE, 'cube-quadruple-play-100m-v0']
-    assert plans[0].files == [f'{MAZE}.npz', f'{MAZE}-val.npz']
-    assert plans[1].files[-2:] == ['cube-quadruple-play-100m-v0/cube-quadruple-play-v0-002.npz',
-                                   'cube-quadruple-play-100m-v0/cube-quadruple-play-v0-002-val.npz']
+    assert [p.dataset for p in plans] == [MAZE, "cube-quadruple-play-100m-v0"]
+    assert plans[0].files == [f"{MAZE}.npz", f"{MAZE}-val.npz"]
+    assert plans[1].files[-2:] == [
+        "cube-quadruple-play-100m-v0/cube-quadruple-play-v0-002.npz",
+        "cube-quadruple-play-100m-v0/cube-quadruple-play-v0-002-val.npz",
+    ]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from stages.params import (
     PRESETS,
@@ -22,9 +23,9 @@ from stages.params import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def raw() -> dict:
-    return yaml.safe_load((ROOT / 'params.yaml').read_text())
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def with_changes(raw: dict, **sections) -> dict:
@@ -45,25 +46,37 @@ def error_of(raw: dict) -> str:
 
 
 def test_default_params_file_is_valid():
-    params = load_params(ROOT / 'params.yaml')
-    assert params.tasks == ['cube-single-play-singletask-task2-v0']
-    assert params.data.source == 'auto'
+    params = load_params(ROOT / "params.yaml")
+    assert params.tasks == ["cube-single-play-singletask-task2-v0"]
+    assert params.data.source == "auto"
     assert params.data.val_episode_count == params.data.episodes // 10
 
 
 @pytest.mark.parametrize(
-    'task, dataset, env',
+    "task, dataset, env",
     [
-        ('cube-single-play-singletask-task2-v0', 'cube-single-play-v0', 'cube-single-singletask-task2-v0'),
-        ('puzzle-3x3-noisy-singletask-v0', 'puzzle-3x3-noisy-v0', 'puzzle-3x3-singletask-v0'),
-        ('puzzle-4x4-play-100m-singletask-task1-v0', 'puzzle-4x4-play-100m-v0', 'puzzle-4x4-singletask-task1-v0'),
+        ("cube-single-play-singletask-task2-v0", "cube-single-play-v0", "cube-single-singletask-task2-v0"),
+        ("puzzle-3x3-noisy-singletask-v0", "puzzle-3x3-noisy-v0", "puzzle-3x3-singletask-v0"),
         (
-            'cube-quadruple-play-100m-singletask-task1-v0',
-            'cube-quadruple-play-100m-v0',
-            'cube-quadruple-singletask-task1-v0',
+            "puzzle-4x4-play-100m-singletask-task1-v0",
+            "puzzle-4x4-play-100m-v0",
+            "puzzle-4x4-singletask-task1-v0",
         ),
-        ('pointmaze-medium-navigate-singletask-task3-v0', 'pointmaze-medium-navigate-v0', 'pointmaze-medium-singletask-task3-v0'),
-        ('antmaze-large-navigate-singletask-task5-v0', 'antmaze-large-navigate-v0', 'antmaze-large-singletask-task5-v0'),
+        (
+            "cube-quadruple-play-100m-singletask-task1-v0",
+            "cube-quadruple-play-100m-v0",
+            "cube-quadruple-singletask-task1-v0",
+        ),
+        (
+            "pointmaze-medium-navigate-singletask-task3-v0",
+            "pointmaze-medium-navigate-v0",
+            "pointmaze-medium-singletask-task3-v0",
+        ),
+        (
+            "antmaze-large-navigate-singletask-task5-v0",
+            "antmaze-large-navigate-v0",
+            "antmaze-large-singletask-task5-v0",
+        ),
     ],
 )
 def test_task_names_map_to_ogbench_dataset_and_env(task, dataset, env):
@@ -72,161 +85,182 @@ def test_task_names_map_to_ogbench_dataset_and_env(task, dataset, env):
 
 
 def test_large_dataset_files_are_named_after_the_one_million_dataset():
-    spec = parse_task('puzzle-4x4-play-100m-singletask-task1-v0')
-    assert spec.is_large and spec.shard_stem == 'puzzle-4x4-play-v0'
-    assert not parse_task('cube-single-play-singletask-task2-v0').is_large
+    spec = parse_task("puzzle-4x4-play-100m-singletask-task1-v0")
+    assert spec.is_large and spec.shard_stem == "puzzle-4x4-play-v0"
+    assert not parse_task("cube-single-play-singletask-task2-v0").is_large
 
 
 def test_datasets_for_tasks_deduplicates_in_order():
-    tasks = ['scene-play-singletask-task1-v0', 'cube-single-play-singletask-task2-v0', 'scene-play-singletask-task5-v0']
-    assert datasets_for_tasks(tasks) == ['scene-play-v0', 'cube-single-play-v0']
+    tasks = [
+        "scene-play-singletask-task1-v0",
+        "cube-single-play-singletask-task2-v0",
+        "scene-play-singletask-task5-v0",
+    ]
+    assert datasets_for_tasks(tasks) == ["scene-play-v0", "cube-single-play-v0"]
 
 
 @pytest.mark.parametrize(
-    'task, fragment',
+    "task, fragment",
     [
-        ('blah', 'not an OGBench singletask name'),
-        ('cube-single-play-v0', 'not an OGBench singletask name'),
-        ('cube-single-play-singletask-task9-v0', "no environment 'cube-single-singletask-task9-v0'"),
-        ('cube-sextuple-play-singletask-task1-v0', "unknown OGBench environment 'cube-sextuple'"),
-        ('cube-single-navigate-singletask-task1-v0', "no 'navigate' dataset for cube-single"),
-        ('antmaze-giant-explore-singletask-task1-v0', "no 'explore' dataset for antmaze-giant"),
-        ('puzzle-4x4-play-10m-singletask-task1-v0', "unknown dataset size '10m'"),
-        ('antmaze-large-navigate-100m-singletask-task1-v0', '100m datasets only for manipulation'),
-        ('visual-cube-single-play-singletask-task1-v0', 'pixel-based'),
+        ("blah", "not an OGBench singletask name"),
+        ("cube-single-play-v0", "not an OGBench singletask name"),
+        ("cube-single-play-singletask-task9-v0", "no environment 'cube-single-singletask-task9-v0'"),
+        ("cube-sextuple-play-singletask-task1-v0", "unknown OGBench environment 'cube-sextuple'"),
+        ("cube-single-navigate-singletask-task1-v0", "no 'navigate' dataset for cube-single"),
+        ("antmaze-giant-explore-singletask-task1-v0", "no 'explore' dataset for antmaze-giant"),
+        ("puzzle-4x4-play-10m-singletask-task1-v0", "unknown dataset size '10m'"),
+        ("antmaze-large-navigate-100m-singletask-task1-v0", "100m datasets only for manipulation"),
+        ("visual-cube-single-play-singletask-task1-v0", "pixel-based"),
     ],
 )
 def test_unknown_task_names_are_rejected_at_their_list_index(raw, task, fragment):
-    message = error_of(with_changes(raw, tasks=['cube-single-play-singletask-task2-v0', task]))
-    assert 'tasks[1]' in message and fragment in message
+    message = error_of(with_changes(raw, tasks=["cube-single-play-singletask-task2-v0", task]))
+    assert "tasks[1]" in message and fragment in message
 
 
 @pytest.mark.parametrize(
-    'changes, key, fragment',
+    "changes, key, fragment",
     [
-        ({'data': {'episodes': 0}}, 'data.episodes', 'greater than 0'),
-        ({'data': {'workers': -2}}, 'data.workers', 'greater than 0'),
-        ({'data': {'val_episodes': 0}}, 'data.val_episodes', 'greater than 0'),
-        ({'data': {'episode_steps': 1}}, 'data.episode_steps', 'greater than or equal to 2'),
-        ({'data': {'shards': 101}}, 'data.shards', 'less than or equal to 100'),
-        ({'data': {'source': 'http'}}, 'data.source', "'auto', 'download' or 'generate'"),
-        ({'data': {'sparse': 'maybe'}}, 'data.sparse', 'must be auto, true or false'),
-        ({'data': {'episodes': True}}, 'data.episodes', 'valid integer'),
-        ({'data': {'episodes': 2.5}}, 'data.episodes', 'valid integer'),
-        ({'networks': {'actor': [256, 0]}}, 'networks.actor[1]', 'greater than 0'),
-        ({'networks': {'critic': []}}, 'networks.critic', 'at least 1 item'),
-        ({'agent': {'expectile': 1.0}}, 'agent.expectile', 'less than 1'),
-        ({'agent': {'lr': -1e-3}}, 'agent.lr', 'greater than 0'),
-        ({'agent': {'preset': 'paper'}}, 'agent.preset', "unknown preset 'paper'"),
-        ({'reverse': {'method': 'rk4'}}, 'reverse.method', "'exact' or 'euler'"),
-        ({'train': {'device': 'tpu'}}, 'train.device', "'auto', 'cpu' or 'gpu'"),
-        ({'evaluate': {'video': 'yes'}}, 'evaluate.video', 'valid boolean'),
-        ({'agents': ['rql', 'iql']}, 'agents[1]', "Input should be 'rql', "),
-        ({'agents': ['rql', 'rql']}, 'agents', 'duplicate entries: rql'),
-        ({'seeds': [0, 1, 0]}, 'seeds', 'duplicate entries: 0'),
-        ({'seeds': []}, 'seeds', 'at least 1 item'),
+        ({"data": {"episodes": 0}}, "data.episodes", "greater than 0"),
+        ({"data": {"workers": -2}}, "data.workers", "greater than 0"),
+        ({"data": {"val_episodes": 0}}, "data.val_episodes", "greater than 0"),
+        ({"data": {"episode_steps": 1}}, "data.episode_steps", "greater than or equal to 2"),
+        ({"data": {"shards": 101}}, "data.shards", "less than or equal to 100"),
+        ({"data": {"source": "http"}}, "data.source", "'auto', 'download' or 'generate'"),
+        ({"data": {"sparse": "maybe"}}, "data.sparse", "must be auto, true or false"),
+        ({"data": {"episodes": True}}, "data.episodes", "valid integer"),
+        ({"data": {"episodes": 2.5}}, "data.episodes", "valid integer"),
+        ({"networks": {"actor": [256, 0]}}, "networks.actor[1]", "greater than 0"),
+        ({"networks": {"critic": []}}, "networks.critic", "at least 1 item"),
+        ({"agent": {"expectile": 1.0}}, "agent.expectile", "less than 1"),
+        ({"agent": {"lr": -1e-3}}, "agent.lr", "greater than 0"),
+        ({"agent": {"preset": "paper"}}, "agent.preset", "unknown preset 'paper'"),
+        ({"reverse": {"method": "rk4"}}, "reverse.method", "'exact' or 'euler'"),
+        ({"train": {"device": "tpu"}}, "train.device", "'auto', 'cpu' or 'gpu'"),
+        ({"evaluate": {"video": "yes"}}, "evaluate.video", "valid boolean"),
+        ({"agents": ["rql", "iql"]}, "agents[1]", "Input should be 'rql', "),
+        ({"agents": ["rql", "rql"]}, "agents", "duplicate entries: rql"),
+        ({"seeds": [0, 1, 0]}, "seeds", "duplicate entries: 0"),
+        ({"seeds": []}, "seeds", "at least 1 item"),
         (
-            {'tasks': ['cube-single-play-singletask-task2-v0'] * 2},
-            'tasks',
-            'duplicate entries: cube-single-play-singletask-task2-v0',
+            {"tasks": ["cube-single-play-singletask-task2-v0"] * 2},
+            "tasks",
+            "duplicate entries: cube-single-play-singletask-task2-v0",
         ),
     ],
 )
 def test_bad_values_name_their_key(raw, changes, key, fragment):
     message = error_of(with_changes(raw, **changes))
-    assert f'- {key}: ' in message and fragment in message
+    assert f"- {key}: " in message and fragment in message
 
 
 def test_unknown_keys_are_named_with_their_path_and_the_allowed_keys(raw):
-    message = error_of(with_changes(raw, data={'episode': 5}, extra_section={'x': 1}))
-    assert '- data.episode: unknown key (allowed here: source, episodes,' in message
-    assert '- extra_section: unknown key' in message
-    assert message.startswith('params: 2 invalid settings')
+    message = error_of(with_changes(raw, data={"episode": 5}, extra_section={"x": 1}))
+    assert "- data.episode: unknown key (allowed here: source, episodes," in message
+    assert "- extra_section: unknown key" in message
+    assert message.startswith("params: 2 invalid settings")
 
 
 def test_missing_keys_are_named(raw):
     broken = copy.deepcopy(raw)
-    del broken['train']['steps']
-    del broken['flow']
+    del broken["train"]["steps"]
+    del broken["flow"]
     message = error_of(broken)
-    assert '- train.steps: missing' in message and '- flow: missing' in message
+    assert "- train.steps: missing" in message and "- flow: missing" in message
 
 
 @pytest.mark.parametrize(
-    'changes, key, fragment',
+    "changes, key, fragment",
     [
-        ({'train': {'refresh_every': 1000, 'reversal': 'online'}}, 'train.refresh_every', 'reversal: cached'),
-        ({'train': {'log_every': 150}}, 'train.log_every', 'multiple of train.updates_per_call=100'),
-        ({'evaluate': {'workers': 30, 'envs': 25}}, 'evaluate.workers', 'workers=30 > envs=25'),
+        ({"train": {"refresh_every": 1000, "reversal": "online"}}, "train.refresh_every", "reversal: cached"),
+        ({"train": {"log_every": 150}}, "train.log_every", "multiple of train.updates_per_call=100"),
+        ({"evaluate": {"workers": 30, "envs": 25}}, "evaluate.workers", "workers=30 > envs=25"),
         (
-            {'tasks': ['antmaze-large-navigate-singletask-task1-v0'], 'data': {'source': 'generate'}},
-            'data.source',
-            'expert policies whose weights are only on the OGBench server',
+            {"tasks": ["antmaze-large-navigate-singletask-task1-v0"], "data": {"source": "generate"}},
+            "data.source",
+            "expert policies whose weights are only on the OGBench server",
         ),
-        ({'data': {'episode_steps': 5}}, 'data.episode_steps', 'fewer than the action chunk h=5'),
+        ({"data": {"episode_steps": 5}}, "data.episode_steps", "fewer than the action chunk h=5"),
     ],
 )
 def test_inconsistent_settings_name_their_key(raw, changes, key, fragment):
     message = error_of(with_changes(raw, **changes))
-    assert f'- {key}: ' in message and fragment in message
+    assert f"- {key}: " in message and fragment in message
 
 
 def test_consistent_variants_are_accepted(raw):
-    validate_params(with_changes(raw, train={'reversal': 'cached', 'refresh_every': 1000}))
-    validate_params(with_changes(raw, evaluate={'episodes': 10, 'envs': 25, 'workers': 25}))
-    validate_params(with_changes(raw, agent={'lr': '1e-4'}))  # PyYAML reads 1e-4 as a string
+    validate_params(with_changes(raw, train={"reversal": "cached", "refresh_every": 1000}))
+    validate_params(with_changes(raw, evaluate={"episodes": 10, "envs": 25, "workers": 25}))
+    validate_params(with_changes(raw, agent={"lr": "1e-4"}))  # PyYAML reads 1e-4 as a string
 
 
 def test_load_params_reports_file_and_yaml_problems(tmp_path):
-    with pytest.raises(ParamsError, match='cannot read the params file'):
-        load_params(tmp_path / 'absent.yaml')
-    broken = tmp_path / 'broken.yaml'
-    broken.write_text('tasks: [a, b\n')
-    with pytest.raises(ParamsError, match='not valid YAML'):
+    with pytest.raises(ParamsError, match="cannot read the params file"):
+        load_params(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tasks: [a, b\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(broken)
-    scalar = tmp_path / 'scalar.yaml'
-    scalar.write_text('42\n')
-    with pytest.raises(ParamsError, match='top level must be a mapping'):
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
         load_params(scalar)
 
 
 def test_auto_preset_follows_each_tasks_environment(raw):
-    tasks = ['cube-double-play-singletask-task1-v0', 'puzzle-4x4-play-100m-singletask-task1-v0']
+    tasks = ["cube-double-play-singletask-task1-v0", "puzzle-4x4-play-100m-singletask-task1-v0"]
     params = validate_params(with_changes(raw, tasks=tasks))
     double = resolve_agent(params, tasks[0])
     assert (double.preset, double.alpha, double.expectile, double.h, double.sparse) == (
-        'cube-double-play', 10.0, 0.9, 5, False)
+        "cube-double-play",
+        10.0,
+        0.9,
+        5,
+        False,
+    )
     puzzle = resolve_agent(params, tasks[1])
-    assert (puzzle.preset, puzzle.alpha, puzzle.expectile, puzzle.sparse) == ('puzzle-4x4-play', 1.0, 0.9, True)
+    assert (puzzle.preset, puzzle.alpha, puzzle.expectile, puzzle.sparse) == (
+        "puzzle-4x4-play",
+        1.0,
+        0.9,
+        True,
+    )
 
 
 def test_tasks_without_preset_get_the_documented_default(raw):
     params = validate_params(raw)
-    agent = resolve_agent(params, 'cube-single-play-singletask-task2-v0')
+    agent = resolve_agent(params, "cube-single-play-singletask-task2-v0")
     assert (agent.preset, agent.alpha, agent.expectile, agent.rho, agent.h, agent.discount, agent.sparse) == (
-        'default', 3.0, 0.9, 0.5, 5, 0.99, False)
+        "default",
+        3.0,
+        0.9,
+        0.5,
+        5,
+        0.99,
+        False,
+    )
     # The reference's sparse rule is per family: an unlisted puzzle still gets sparse rewards.
-    puzzle = 'puzzle-4x5-play-singletask-task1-v0'
+    puzzle = "puzzle-4x5-play-singletask-task1-v0"
     assert resolve_sparse(validate_params(with_changes(raw, tasks=[puzzle])), puzzle) is True
 
 
 def test_explicit_values_override_the_preset_and_named_presets_apply_to_all(raw):
-    task = 'humanoidmaze-medium-navigate-singletask-task1-v0'
-    params = validate_params(with_changes(raw, tasks=[task], agent={'alpha': 0.7, 'preset': 'auto'}))
+    task = "humanoidmaze-medium-navigate-singletask-task1-v0"
+    params = validate_params(with_changes(raw, tasks=[task], agent={"alpha": 0.7, "preset": "auto"}))
     agent = resolve_agent(params, task)
     assert agent.alpha == 0.7 and agent.discount == 0.995 and agent.rho == 0.0 and agent.h == 1
-    named = validate_params(with_changes(raw, agent={'preset': 'scene-play'}))
-    agent = resolve_agent(named, 'cube-single-play-singletask-task2-v0')
-    assert (agent.preset, agent.alpha, agent.expectile) == ('scene-play', PRESETS['scene-play'].alpha, 0.7)
+    named = validate_params(with_changes(raw, agent={"preset": "scene-play"}))
+    agent = resolve_agent(named, "cube-single-play-singletask-task2-v0")
+    assert (agent.preset, agent.alpha, agent.expectile) == ("scene-play", PRESETS["scene-play"].alpha, 0.7)
     assert agent.sparse is False  # sparse follows the task's environment, not the borrowed preset
 
 
 def test_explicit_sparse_overrides_auto(raw):
-    params = validate_params(with_changes(raw, data={'sparse': True}))
-    assert resolve_sparse(params, 'cube-single-play-singletask-task2-v0') is True
+    params = validate_params(with_changes(raw, data={"sparse": True}))
+    assert resolve_sparse(params, "cube-single-play-singletask-task2-v0") is True
 
 
 def test_params_are_immutable(raw):
     params = validate_params(raw)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         params.data.episodes = 5

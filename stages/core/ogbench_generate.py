@@ -33,14 +33,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-SPLITS = ('train', 'val')
-EXPERT_PREFIXES = ('antmaze-', 'humanoidmaze-', 'antsoccer-')
+SPLITS = ("train", "val")
+EXPERT_PREFIXES = ("antmaze-", "humanoidmaze-", "antsoccer-")
 _DATASET_RE = re.compile(
-    r'^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<dataset_type>play|noisy|navigate|stitch|explore)'
-    r'(?:-(?P<size>\d+[mb]))?-(?P<version>v\d+)$'
+    r"^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<dataset_type>play|noisy|navigate|stitch|explore)"
+    r"(?:-(?P<size>\d+[mb]))?-(?P<version>v\d+)$"
 )
-_P_STACK_RANGES = {'single': (0.0, 0.0), 'double': (0.0, 0.25), 'triple': (0.05, 0.35), 'quadruple': (0.1, 0.5)}
-_NOISY_RANDOM_ACTION = {'cube': 0.1, 'scene': 0.1, 'puzzle': 0.2}
+_P_STACK_RANGES = {
+    "single": (0.0, 0.0),
+    "double": (0.0, 0.25),
+    "triple": (0.05, 0.35),
+    "quadruple": (0.1, 0.5),
+}
+_NOISY_RANDOM_ACTION = {"cube": 0.1, "scene": 0.1, "puzzle": 0.2}
 
 
 class GenerationError(RuntimeError):
@@ -61,18 +66,20 @@ class Recipe:
     dataset_type: str  # play | noisy | navigate | stitch
     episode_steps: int  # rows per episode
     ogbench_episodes: int  # training episodes in OGBench's own file (for reference)
-    noise: float  # play: plan noise; noisy: upper bound of the per-episode noise scale; pointmaze: action noise
+    noise: (
+        float  # play: plan noise; noisy: upper bound of the per-episode noise scale; pointmaze: action noise
+    )
     noise_smoothing: float  # plan oracles' temporal smoothing (sigma, in steps)
     min_norm: float  # Markov oracles' minimum action norm
     p_random_action: float  # probability of a uniformly random action
 
     @property
     def is_manipulation(self) -> bool:
-        return not self.family.startswith('pointmaze-')
+        return not self.family.startswith("pointmaze-")
 
     @property
     def has_buttons(self) -> bool:
-        return self.family.startswith(('scene', 'puzzle-'))
+        return self.family.startswith(("scene", "puzzle-"))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,22 +90,22 @@ def recipe_for_dataset(dataset: str, episode_steps: int | None = None) -> Recipe
     ExpertWeightsRequired for antmaze/humanoidmaze/antsoccer, GenerationError for anything else unsupported."""
     match = _DATASET_RE.match(dataset)
     if match is None:
-        raise GenerationError(f'{dataset}: not an OGBench dataset name (<env>-<type>[-100m]-v0)')
-    family, dataset_type, version = match['family'], match['dataset_type'], match['version']
+        raise GenerationError(f"{dataset}: not an OGBench dataset name (<env>-<type>[-100m]-v0)")
+    family, dataset_type, version = match["family"], match["dataset_type"], match["version"]
     if family.startswith(EXPERT_PREFIXES):
         raise ExpertWeightsRequired(
-            f'{dataset}: OGBench collected this dataset with trained expert policies (SAC checkpoints) whose weights '
-            f'are only on the OGBench download server, so it cannot be generated locally. Run the download stage on a '
-            f'machine with internet (then `dvc push` to share it), or place {dataset}.npz and {dataset}-val.npz in '
-            f'~/.ogbench/data, where the download stage looks first.'
+            f"{dataset}: OGBench collected this dataset with trained expert policies (SAC checkpoints) whose weights "
+            f"are only on the OGBench download server, so it cannot be generated locally. Run the download stage on a "
+            f"machine with internet (then `dvc push` to share it), or place {dataset}.npz and {dataset}-val.npz in "
+            f"~/.ogbench/data, where the download stage looks first."
         )
-    kind = family.split('-')[0]
-    if kind in ('cube', 'scene', 'puzzle') and dataset_type in ('play', 'noisy'):
-        play = dataset_type == 'play'
-        episodes = {'cube-triple': 3000, 'cube-quadruple': 5000, 'puzzle-4x5': 3000, 'puzzle-4x6': 5000}
+    kind = family.split("-")[0]
+    if kind in ("cube", "scene", "puzzle") and dataset_type in ("play", "noisy"):
+        play = dataset_type == "play"
+        episodes = {"cube-triple": 3000, "cube-quadruple": 5000, "puzzle-4x5": 3000, "puzzle-4x6": 5000}
         return Recipe(
             dataset=dataset,
-            env_id=f'{family}-{version}',
+            env_id=f"{family}-{version}",
             family=family,
             dataset_type=dataset_type,
             episode_steps=episode_steps or 1001,
@@ -108,13 +115,13 @@ def recipe_for_dataset(dataset: str, episode_steps: int | None = None) -> Recipe
             min_norm=0.4,
             p_random_action=0.0 if play else _NOISY_RANDOM_ACTION[kind],
         )
-    if kind == 'pointmaze' and dataset_type in ('navigate', 'stitch'):
-        giant = family == 'pointmaze-giant'
-        default_steps = 201 if dataset_type == 'stitch' else (2001 if giant else 1001)
-        default_episodes = 5000 if dataset_type == 'stitch' else (500 if giant else 1000)
+    if kind == "pointmaze" and dataset_type in ("navigate", "stitch"):
+        giant = family == "pointmaze-giant"
+        default_steps = 201 if dataset_type == "stitch" else (2001 if giant else 1001)
+        default_episodes = 5000 if dataset_type == "stitch" else (500 if giant else 1000)
         return Recipe(
             dataset=dataset,
-            env_id=f'{family}-{version}',
+            env_id=f"{family}-{version}",
             family=family,
             dataset_type=dataset_type,
             episode_steps=episode_steps or default_steps,
@@ -124,7 +131,7 @@ def recipe_for_dataset(dataset: str, episode_steps: int | None = None) -> Recipe
             min_norm=0.0,
             p_random_action=0.0,
         )
-    raise GenerationError(f'{dataset}: no generation recipe for {family} {dataset_type} datasets')
+    raise GenerationError(f"{dataset}: no generation recipe for {family} {dataset_type} datasets")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,21 +149,20 @@ def _seed_streams(env: Any, seed_sequence: np.random.SeedSequence) -> None:
     global_state, env_state = seed_sequence.spawn(2)
     np.random.seed(global_state.generate_state(4))  # OGBench's oracles and maze noise use the global stream
     env.unwrapped.np_random = np.random.default_rng(env_state)
-    if hasattr(env.unwrapped, 'maze_map'):  # maze resets take a few action_space.sample() steps
+    if hasattr(env.unwrapped, "maze_map"):  # maze resets take a few action_space.sample() steps
         env.unwrapped.action_space.seed(int(env_state.generate_state(1)[0]))
 
 
 def make_collection_env(recipe: Recipe) -> Any:
     """The environment OGBench collects this dataset in."""
     import gymnasium
-
     import ogbench  # noqa: F401  (registers the environments)
 
     # OGBench's envs build float64-bounded Boxes; gymnasium warns about the float32 cast on every new Box.
-    warnings.filterwarnings('ignore', message='.*precision lowered by casting to float32.*')
-    kwargs: dict[str, Any] = dict(terminate_at_goal=False, max_episode_steps=recipe.episode_steps)
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
+    kwargs: dict[str, Any] = {"terminate_at_goal": False, "max_episode_steps": recipe.episode_steps}
     if recipe.is_manipulation:
-        kwargs['mode'] = 'data_collection'
+        kwargs["mode"] = "data_collection"
     return gymnasium.make(recipe.env_id, disable_env_checker=True, **kwargs)
 
 
@@ -176,36 +182,36 @@ def _oracles(env: Any, recipe: Recipe) -> dict[str, Any]:
     from ogbench.manipspace.oracles.plan.drawer_plan import DrawerPlanOracle
     from ogbench.manipspace.oracles.plan.window_plan import WindowPlanOracle
 
-    kind = recipe.family.split('-')[0]
-    if recipe.dataset_type == 'play':
-        plan = dict(env=env, noise=recipe.noise, noise_smoothing=recipe.noise_smoothing)
-        if kind == 'cube':
-            return {'cube': CubePlanOracle(**plan)}
-        if kind == 'puzzle':
-            return {'button': ButtonPlanOracle(gripper_always_closed=True, **plan)}
+    kind = recipe.family.split("-")[0]
+    if recipe.dataset_type == "play":
+        plan = {"env": env, "noise": recipe.noise, "noise_smoothing": recipe.noise_smoothing}
+        if kind == "cube":
+            return {"cube": CubePlanOracle(**plan)}
+        if kind == "puzzle":
+            return {"button": ButtonPlanOracle(gripper_always_closed=True, **plan)}
         return {
-            'cube': CubePlanOracle(**plan),
-            'button': ButtonPlanOracle(**plan),
-            'drawer': DrawerPlanOracle(**plan),
-            'window': WindowPlanOracle(**plan),
+            "cube": CubePlanOracle(**plan),
+            "button": ButtonPlanOracle(**plan),
+            "drawer": DrawerPlanOracle(**plan),
+            "window": WindowPlanOracle(**plan),
         }
-    markov = dict(env=env, min_norm=recipe.min_norm)
-    if kind == 'cube':
-        return {'cube': CubeMarkovOracle(**markov)}
-    if kind == 'puzzle':
-        return {'button': ButtonMarkovOracle(gripper_always_closed=True, **markov)}
+    markov = {"env": env, "min_norm": recipe.min_norm}
+    if kind == "cube":
+        return {"cube": CubeMarkovOracle(**markov)}
+    if kind == "puzzle":
+        return {"button": ButtonMarkovOracle(gripper_always_closed=True, **markov)}
     return {
-        'cube': CubeMarkovOracle(max_step=100, **markov),
-        'button': ButtonMarkovOracle(**markov),
-        'drawer': DrawerMarkovOracle(**markov),
-        'window': WindowMarkovOracle(**markov),
+        "cube": CubeMarkovOracle(max_step=100, **markov),
+        "button": ButtonMarkovOracle(**markov),
+        "drawer": DrawerMarkovOracle(**markov),
+        "window": WindowMarkovOracle(**markov),
     }
 
 
 def _p_stack(family: str) -> float:
     """Per-episode probability of stacking the target cube (drawn from the global stream, as OGBench does)."""
-    if family.startswith('cube-'):
-        low, high = _P_STACK_RANGES[family.split('-')[1]]
+    if family.startswith("cube-"):
+        low, high = _P_STACK_RANGES[family.split("-")[1]]
         return 0.0 if high == 0.0 else float(np.random.uniform(low, high))
     return 0.5
 
@@ -219,24 +225,26 @@ def _scene_episode_is_healthy(qpos: np.ndarray) -> bool:
 
 
 def _stack_rows(rows: dict[str, list]) -> dict[str, np.ndarray]:
-    dtypes = {'terminals': bool, 'button_states': np.int64}
+    dtypes = {"terminals": bool, "button_states": np.int64}
     return {key: np.asarray(values, dtype=dtypes.get(key, np.float32)) for key, values in rows.items()}
 
 
-def _manipulation_episode(env: Any, recipe: Recipe, seed_sequence: np.random.SeedSequence) -> dict[str, np.ndarray]:
+def _manipulation_episode(
+    env: Any, recipe: Recipe, seed_sequence: np.random.SeedSequence
+) -> dict[str, np.ndarray]:
     _seed_streams(env, seed_sequence)
     ob, info = env.reset()
     p_stack = _p_stack(recipe.family)
-    markov = recipe.dataset_type == 'noisy'
+    markov = recipe.dataset_type == "noisy"
     xi = np.random.uniform(0, recipe.noise) if markov else 0.0
     oracles = _oracles(env, recipe)
-    agent = oracles[info['privileged/target_task']]
+    agent = oracles[info["privileged/target_task"]]
     agent.reset(ob, info)
     action_dim = env.action_space.shape[0]
 
-    rows: dict[str, list] = {key: [] for key in ('observations', 'actions', 'terminals', 'qpos', 'qvel')}
+    rows: dict[str, list] = {key: [] for key in ("observations", "actions", "terminals", "qpos", "qvel")}
     if recipe.has_buttons:
-        rows['button_states'] = []
+        rows["button_states"] = []
     done = False
     while not done:
         if np.random.rand() < recipe.p_random_action:
@@ -250,15 +258,15 @@ def _manipulation_episode(env: Any, recipe: Recipe, seed_sequence: np.random.See
         done = terminated or truncated
         if agent.done:
             agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
-            agent = oracles[agent_info['privileged/target_task']]
+            agent = oracles[agent_info["privileged/target_task"]]
             agent.reset(agent_ob, agent_info)
-        rows['observations'].append(ob)
-        rows['actions'].append(action)
-        rows['terminals'].append(done)
-        rows['qpos'].append(info['prev_qpos'])
-        rows['qvel'].append(info['prev_qvel'])
+        rows["observations"].append(ob)
+        rows["actions"].append(action)
+        rows["terminals"].append(done)
+        rows["qpos"].append(info["prev_qpos"])
+        rows["qvel"].append(info["prev_qvel"])
         if recipe.has_buttons:
-            rows['button_states'].append(info['prev_button_states'])
+            rows["button_states"].append(info["prev_button_states"])
         ob = next_ob
     return _stack_rows(rows)
 
@@ -271,8 +279,14 @@ def _maze_cells(maze_map: np.ndarray) -> tuple[list[tuple[int, int]], list[tuple
             if maze_map[i, j] != 0:
                 continue
             free.append((i, j))
-            vertical = maze_map[i - 1, j] == 0 and maze_map[i + 1, j] == 0 and maze_map[i, j - 1] == 1 and maze_map[i, j + 1] == 1
-            horizontal = maze_map[i, j - 1] == 0 and maze_map[i, j + 1] == 0 and maze_map[i - 1, j] == 1 and maze_map[i + 1, j] == 1
+            up, down, left, right = (
+                maze_map[i - 1, j],
+                maze_map[i + 1, j],
+                maze_map[i, j - 1],
+                maze_map[i, j + 1],
+            )
+            vertical = up == 0 and down == 0 and left == 1 and right == 1
+            horizontal = left == 0 and right == 0 and up == 1 and down == 1
             if not (vertical or horizontal):
                 vertices.append((i, j))
     return free, vertices
@@ -295,19 +309,21 @@ def _cells_at_distance(maze_map: np.ndarray, start: tuple[int, int], steps: int)
     return found
 
 
-def _pointmaze_episode(env: Any, recipe: Recipe, seed_sequence: np.random.SeedSequence) -> dict[str, np.ndarray]:
+def _pointmaze_episode(
+    env: Any, recipe: Recipe, seed_sequence: np.random.SeedSequence
+) -> dict[str, np.ndarray]:
     _seed_streams(env, seed_sequence)
     maze = env.unwrapped
     free, vertices = _maze_cells(maze.maze_map)
     init_ij = free[np.random.randint(len(free))]
-    if recipe.dataset_type == 'navigate':
+    if recipe.dataset_type == "navigate":
         goal_ij = vertices[np.random.randint(len(vertices))]
     else:
         nearby = _cells_at_distance(maze.maze_map, init_ij, 4)
         goal_ij = nearby[np.random.randint(len(nearby))] if nearby else init_ij
-    ob, _ = env.reset(options=dict(task_info=dict(init_ij=init_ij, goal_ij=goal_ij)))
+    ob, _ = env.reset(options={"task_info": {"init_ij": init_ij, "goal_ij": goal_ij}})
 
-    rows: dict[str, list] = {key: [] for key in ('observations', 'actions', 'terminals', 'qpos', 'qvel')}
+    rows: dict[str, list] = {key: [] for key in ("observations", "actions", "terminals", "qpos", "qvel")}
     done = False
     while not done:
         subgoal_xy, _ = maze.get_oracle_subgoal(maze.get_xy(), maze.cur_goal_xy)
@@ -316,13 +332,13 @@ def _pointmaze_episode(env: Any, recipe: Recipe, seed_sequence: np.random.SeedSe
         action = np.clip(direction + np.random.normal(0, recipe.noise, direction.shape), -1, 1)
         next_ob, _, terminated, truncated, info = env.step(action)
         done = terminated or truncated
-        if info['success'] and recipe.dataset_type == 'navigate':
+        if info["success"] and recipe.dataset_type == "navigate":
             maze.set_goal(vertices[np.random.randint(len(vertices))])
-        rows['observations'].append(ob)
-        rows['actions'].append(action)
-        rows['terminals'].append(done)
-        rows['qpos'].append(info['prev_qpos'])
-        rows['qvel'].append(info['prev_qvel'])
+        rows["observations"].append(ob)
+        rows["actions"].append(action)
+        rows["terminals"].append(done)
+        rows["qpos"].append(info["prev_qpos"])
+        rows["qvel"].append(info["prev_qvel"])
         ob = next_ob
     return _stack_rows(rows)
 
@@ -335,9 +351,11 @@ def generate_episode(
     collect = _manipulation_episode if recipe.is_manipulation else _pointmaze_episode
     for attempt in range(max_retries):
         rows = collect(env, recipe, episode_seed(seed, split, shard, episode, attempt))
-        if not recipe.family == 'scene' or _scene_episode_is_healthy(rows['qpos']):
+        if recipe.family != "scene" or _scene_episode_is_healthy(rows["qpos"]):
             return rows
-    raise GenerationError(f'{recipe.dataset}: {split} episode {episode} failed the scene health check {max_retries} times')
+    raise GenerationError(
+        f"{recipe.dataset}: {split} episode {episode} failed the scene health check {max_retries} times"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,14 +377,16 @@ def _run_episode(job: tuple[int, str, int, int]) -> dict[str, np.ndarray]:
     return generate_episode(_worker_env, _worker_recipe, seed=seed, split=split, shard=shard, episode=episode)
 
 
-def _episodes(recipe: Recipe, jobs: list[tuple[int, str, int, int]], workers: int) -> Iterator[dict[str, np.ndarray]]:
+def _episodes(
+    recipe: Recipe, jobs: list[tuple[int, str, int, int]], workers: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Episodes of `jobs` in job order, run in `workers` processes (in this process when 1)."""
     if workers <= 1 or len(jobs) <= 1:
         env = make_collection_env(recipe)
         for seed, split, shard, episode in jobs:
             yield generate_episode(env, recipe, seed=seed, split=split, shard=shard, episode=episode)
         return
-    context = multiprocessing.get_context('spawn')  # fresh interpreters: no inherited threads or RNG state
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited threads or RNG state
     with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(recipe,)) as pool:
         yield from pool.imap(_run_episode, jobs, chunksize=1)
 
@@ -389,15 +409,15 @@ def generate_splits(
     """{'train': arrays, 'val': arrays} of one dataset file pair in OGBench's raw format, identical for any
     `workers`. `on_episode(rows)` is called after each finished episode (for throughput logging)."""
     if episodes < 1 or val_episodes < 1:
-        raise GenerationError(f'{recipe.dataset}: need at least one train and one val episode')
-    counts = {'train': episodes, 'val': val_episodes}
+        raise GenerationError(f"{recipe.dataset}: need at least one train and one val episode")
+    counts = {"train": episodes, "val": val_episodes}
     jobs = [(seed, split, shard, index) for split in SPLITS for index in range(counts[split])]
     collected: list[dict[str, np.ndarray]] = []
-    label = recipe.dataset if shard == 0 else f'{recipe.dataset}[{shard:03d}]'
-    with tqdm(total=len(jobs), desc=label, unit='episode', disable=not progress, dynamic_ncols=True) as bar:
+    label = recipe.dataset if shard == 0 else f"{recipe.dataset}[{shard:03d}]"
+    with tqdm(total=len(jobs), desc=label, unit="episode", disable=not progress, dynamic_ncols=True) as bar:
         for rows in _episodes(recipe, jobs, workers):
             collected.append(rows)
             bar.update()
             if on_episode is not None:
-                on_episode(len(rows['terminals']))
-    return {'train': _concatenate(collected[:episodes]), 'val': _concatenate(collected[episodes:])}
+                on_episode(len(rows["terminals"]))
+    return {"train": _concatenate(collected[:episodes]), "val": _concatenate(collected[episodes:])}
