@@ -13,14 +13,14 @@ def _two_episodes():
     """Episode A = rows 0..3, episode B = rows 4..6; every value tells its row apart."""
     n = 7
     rows = np.arange(n, dtype=np.float32)
-    return dict(
-        observations=np.stack([rows, -rows], axis=1),
-        actions=np.stack([rows / 10, rows / 10 + 0.05], axis=1),
-        rewards=rows + 1.0,  # r_i = i + 1
-        masks=np.array([1, 1, 1, 0, 1, 1, 1], np.float32),  # success at row 3
-        terminals=np.array([0, 0, 0, 1, 0, 0, 1], np.float32),
-        next_observations=np.stack([rows + 100, -rows - 100], axis=1),  # s'_i distinct from s_{i+1}
-    )
+    return {
+        "observations": np.stack([rows, -rows], axis=1),
+        "actions": np.stack([rows / 10, rows / 10 + 0.05], axis=1),
+        "rewards": rows + 1.0,  # r_i = i + 1
+        "masks": np.array([1, 1, 1, 0, 1, 1, 1], np.float32),  # success at row 3
+        "terminals": np.array([0, 0, 0, 1, 0, 0, 1], np.float32),
+        "next_observations": np.stack([rows + 100, -rows - 100], axis=1),  # s'_i distinct from s_{i+1}
+    }
 
 
 def test_episode_indices():
@@ -47,7 +47,9 @@ def test_chunks_at_boundaries_hand_computed():
         [1 + GAMMA * 2 + GAMMA**2 * 3, 2 + GAMMA * 3 + GAMMA**2 * 4, 3 + GAMMA * 4, 6 + GAMMA * 7],
         rtol=1e-6,
     )
-    np.testing.assert_array_equal(b["bootstrap_mask"], [1, 0, 0, 1])  # mask of the last real step (2, 3, 3, 6)
+    np.testing.assert_array_equal(
+        b["bootstrap_mask"], [1, 0, 0, 1]
+    )  # mask of the last real step (2, 3, 3, 6)
     np.testing.assert_array_equal(b["next_observations"][:, 0], [102, 103, 103, 106])
     np.testing.assert_array_equal(b["observations"][:, 0], [0, 1, 2, 5])
     np.testing.assert_array_equal(b["rows"], [0, 1, 2, 5])

@@ -20,14 +20,14 @@ def _toy_dataset(n=1000, seed=0):
     actions = np.clip(0.5 * np.tanh(obs[:, :ACTION_DIM]) + 0.4 * mode + 0.05 * rs.randn(n, ACTION_DIM), -1, 1)
     terminals = np.zeros(n)
     terminals[99::100] = 1
-    return dict(
-        observations=obs,
-        actions=actions,
-        rewards=np.zeros(n),
-        masks=np.ones(n),
-        terminals=terminals,
-        next_observations=np.roll(obs, -1, axis=0),
-    )
+    return {
+        "observations": obs,
+        "actions": actions,
+        "rewards": np.zeros(n),
+        "masks": np.ones(n),
+        "terminals": terminals,
+        "next_observations": np.roll(obs, -1, axis=0),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def actors():
     data = batches.to_device(_toy_dataset())
     state = bc_flow.init(config, jax.random.PRNGKey(0))
     random_params = common.copy_tree(state.actor)
-    state, first = bc_flow.make_update(config, 1000)(state, data)
+    state, _first = bc_flow.make_update(config, 1000)(state, data)
     module = common.make_actor(config)
     batch = batches.chunks_at(data, data.starts[:128], H, 0.99)
 
@@ -53,7 +53,8 @@ def test_exact_reversal_round_trip_within_1e4_and_beats_euler(actors, which):
     velocity, s, chunk = velocities[which], batch["observations"], batch["actions"]
     errors = {}
     for method in ("exact", "euler"):
-        trajectory, info = jax.jit(lambda s, c: flows.reverse_trajectory(velocity, s, c, F, method, 50, 1e-6))(s, chunk)
+        reverse = jax.jit(lambda s, c, m=method: flows.reverse_trajectory(velocity, s, c, F, m, 50, 1e-6))
+        trajectory, info = reverse(s, chunk)
         assert trajectory.shape == (chunk.shape[0], F + 1, H * ACTION_DIM)
         np.testing.assert_array_equal(trajectory[:, F], chunk)
         errors[method] = float(flows.roundtrip_error(velocity, s, trajectory[:, 0], chunk, F).max())
@@ -111,9 +112,13 @@ def test_sampler_clips_only_at_the_end():
     noise = jnp.array([[0.0], [0.5], [-3.5]])
     drift = flows.euler_sample(lambda s, x, t: jnp.ones_like(x) * 2.0, s, noise, F, clip=False)
     np.testing.assert_allclose(drift, noise + 2.0, atol=1e-5)
-    np.testing.assert_allclose(flows.euler_sample(lambda s, x, t: jnp.ones_like(x) * 2.0, s, noise, F), [[1], [1], [-1]])
+    np.testing.assert_allclose(
+        flows.euler_sample(lambda s, x, t: jnp.ones_like(x) * 2.0, s, noise, F), [[1], [1], [-1]]
+    )
     # out to x = 2 by t = 0.5 and back to 0: clipping along the way would end at -1 instead
-    there_and_back = flows.euler_sample(lambda s, x, t: jnp.where(t < 0.5, 4.0, -4.0) * jnp.ones_like(x), s, noise * 0, F)
+    there_and_back = flows.euler_sample(
+        lambda s, x, t: jnp.where(t < 0.5, 4.0, -4.0) * jnp.ones_like(x), s, noise * 0, F
+    )
     np.testing.assert_allclose(there_and_back, 0.0, atol=1e-5)
 
 
@@ -128,7 +133,7 @@ def test_mixed_distances_half_uniform_half_grid():
 
 def test_reversal_rejects_bad_arguments():
     s, x = jnp.zeros((2, 1)), jnp.zeros((2, 3))
-    velocity = lambda s, x, t: x  # noqa: E731
+    velocity = lambda s, x, t: x
     with pytest.raises(ValueError, match="method"):
         flows.reverse(velocity, s, x, jnp.ones(2), F, "rk4")
     with pytest.raises(ValueError, match="distance"):

@@ -42,7 +42,10 @@ def test_ensemble_members_differ_and_share_input():
 
 
 def _names(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def test_layer_norm_after_each_hidden_activation_only_when_enabled():

@@ -17,7 +17,7 @@ reference (which draws an episode, then a start in [first, last) of it: the same
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.struct
 import jax
@@ -90,7 +90,14 @@ def to_device(dataset: Mapping[str, np.ndarray], reversal: np.ndarray | None = N
         raise ValueError(f"dataset is missing keys {missing}; needs {list(DATASET_KEYS)}")
     arrays = {k: _as_f32(k, dataset[k]) for k in DATASET_KEYS}
     n = arrays["observations"].shape[0]
-    expected_ndim = {"observations": 2, "actions": 2, "next_observations": 2, "rewards": 1, "masks": 1, "terminals": 1}
+    expected_ndim = {
+        "observations": 2,
+        "actions": 2,
+        "next_observations": 2,
+        "rewards": 1,
+        "masks": 1,
+        "terminals": 1,
+    }
     for k, ndim in expected_ndim.items():
         if arrays[k].ndim != ndim or arrays[k].shape[0] != n:
             raise ValueError(f"dataset[{k!r}] has shape {arrays[k].shape}; expected {ndim}-D with {n} rows")

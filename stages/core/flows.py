@@ -18,7 +18,7 @@ x_0 reproduces the chunk up to the fixed-point tolerance. d = 0 gives dt = 0 and
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,9 @@ def flow_times(flow_steps: int) -> jnp.ndarray:
 
 def _check_pair(observations: jnp.ndarray, x: jnp.ndarray, what: str) -> None:
     if observations.ndim != 2 or x.ndim != 2 or observations.shape[0] != x.shape[0]:
-        raise ValueError(f"{what}: expected observations (B, obs_dim) and x (B, D), got {observations.shape}, {x.shape}")
+        raise ValueError(
+            f"{what}: expected observations (B, obs_dim) and x (B, D), got {observations.shape}, {x.shape}"
+        )
 
 
 def euler_sample(
@@ -153,7 +155,15 @@ def reverse_trajectory(
     """
     distance = jnp.ones((chunk.shape[0],), chunk.dtype)
     _, _, info, trajectory = reverse(
-        velocity, observations, chunk, distance, flow_steps, method, iterations, tolerance, return_trajectory=True
+        velocity,
+        observations,
+        chunk,
+        distance,
+        flow_steps,
+        method,
+        iterations,
+        tolerance,
+        return_trajectory=True,
     )
     return trajectory, info
 

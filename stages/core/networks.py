@@ -8,7 +8,7 @@ LayerNorm (when enabled) follows every hidden activation, never the output layer
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -21,7 +21,9 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
 
 def _check_hidden_dims(hidden_dims: Sequence[int], owner: str) -> None:
     if len(hidden_dims) == 0 or any(int(n) <= 0 for n in hidden_dims):
-        raise ValueError(f"{owner}: hidden_dims must be a non-empty sequence of positive ints, got {hidden_dims!r}")
+        raise ValueError(
+            f"{owner}: hidden_dims must be a non-empty sequence of positive ints, got {hidden_dims!r}"
+        )
 
 
 def _concat_inputs(*parts: jnp.ndarray | None) -> jnp.ndarray:

@@ -10,6 +10,7 @@ there is none. The evaluated policy is the EMA actor through the Euler sampler. 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import flax.struct
@@ -39,6 +40,7 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
 
 
+@partial(jax.jit, static_argnums=0)
 def init(config: Config, key: jax.Array) -> TrainState:
     k_actor, k_rng = jax.random.split(key)
     actor = common.init_velocity(common.make_actor(config), config, k_actor)
@@ -79,15 +81,20 @@ def make_step(config: Config):
             rng=rng,
             step=state.step + 1,
         )
-        return new_state, {"bc_loss": bc_loss, "actor_loss": bc_loss, "actor_grad_norm": optax.global_norm(grads)}
+        return new_state, {
+            "bc_loss": bc_loss,
+            "actor_loss": bc_loss,
+            "actor_grad_norm": optax.global_norm(grads),
+        }
 
     return step
 
 
+@functools.cache
 def make_update(config: Config, num_updates: int = 1):
     """Jitted `(state, data) -> (state, metrics)` running `num_updates` updates in a lax.scan (mean metrics).
 
-    `state` is donated.
+    `state` is donated. Memoised: the same (config, num_updates) returns the same compiled function.
     """
     return common.make_scan_update(make_step(config), num_updates, partial(common.check_dataset, config))
 

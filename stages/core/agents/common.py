@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ def init_velocity(module: VelocityField, config: FlowConfig, key: jax.Array, wit
     s = jnp.zeros((1, config.obs_dim), jnp.float32)
     x = jnp.zeros((1, config.chunk_dim), jnp.float32)
     t = jnp.zeros((1, 1), jnp.float32) if with_time else None
-    return jax.jit(module.init)(key, s, x, t)["params"]
+    return module.init(key, s, x, t)["params"]
 
 
 def copy_tree(tree):
@@ -111,7 +112,9 @@ def apply_adam(tx: optax.GradientTransformation, grads, opt_state, params):
 def check_dataset(config: FlowConfig, data: DeviceDataset, needs_cache: bool = False) -> None:
     """Raise a clear error when the device dataset does not fit the agent config."""
     if not isinstance(data, DeviceDataset):
-        raise TypeError(f"expected a DeviceDataset (stages.core.batches.to_device), got {type(data).__name__}")
+        raise TypeError(
+            f"expected a DeviceDataset (stages.core.batches.to_device), got {type(data).__name__}"
+        )
     if data.obs_dim != config.obs_dim:
         raise ValueError(f"dataset obs_dim {data.obs_dim} != config.obs_dim {config.obs_dim}")
     if data.action_dim != config.action_dim:
@@ -119,12 +122,16 @@ def check_dataset(config: FlowConfig, data: DeviceDataset, needs_cache: bool = F
     if needs_cache:
         expected = (data.size, config.flow_steps + 1, config.chunk_dim)
         if data.reversal is None:
-            raise ValueError("reversal='cached' needs a dataset with a reversal cache (to_device(..., reversal=...))")
+            raise ValueError(
+                "reversal='cached' needs a dataset with a reversal cache (to_device(..., reversal=...))"
+            )
         if tuple(data.reversal.shape) != expected:
             raise ValueError(f"reversal cache shape {tuple(data.reversal.shape)} != expected {expected}")
 
 
-def make_scan_update(step: Callable[[Any, DeviceDataset], tuple[Any, dict]], num_updates: int, check: Callable):
+def make_scan_update(
+    step: Callable[[Any, DeviceDataset], tuple[Any, dict]], num_updates: int, check: Callable
+):
     """Jit `num_updates` applications of `step` in one lax.scan; metrics are averaged over the updates.
 
     The returned function `(state, data) -> (state, metrics)` donates `state`: do not reuse the state passed in.

@@ -18,6 +18,7 @@ The evaluated policy is the one-step policy: clip(mu(s, z), -1, 1), z ~ N(0, I).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import flax.struct
@@ -69,6 +70,7 @@ def _onestep_def(config: Config) -> VelocityField:
     return VelocityField(config.actor_hidden, config.chunk_dim, config.actor_layer_norm)
 
 
+@partial(jax.jit, static_argnums=0)
 def init(config: Config, key: jax.Array) -> TrainState:
     k_actor, k_onestep, k_critic, k_rng = jax.random.split(key, 4)
     actor = common.init_velocity(common.make_actor(config), config, k_actor)
@@ -95,14 +97,20 @@ def policy_params(state: TrainState) -> dict:
 def td_target(config: Config, onestep_actor: dict, target_critic: dict, batch: dict, next_noise: jax.Array):
     """y = reward_sum + gamma^h * bootstrap_mask * agg_e Qbar_e(s', clip(mu(s', next_noise), -1, 1)), shape (B,)."""
     s_next = batch["next_observations"]
-    next_actions = jnp.clip(_onestep_def(config).apply({"params": onestep_actor}, s_next, next_noise), -1.0, 1.0)
+    next_actions = jnp.clip(
+        _onestep_def(config).apply({"params": onestep_actor}, s_next, next_noise), -1.0, 1.0
+    )
     next_qs = common.make_critic(config).apply({"params": target_critic}, s_next, next_actions)
     next_q = next_qs.mean(axis=0) if config.q_agg == "mean" else next_qs.min(axis=0)
     return batch["reward_sum"] + config.discount**config.h * batch["bootstrap_mask"] * next_q
 
 
 def make_step(config: Config):
-    actor_def, onestep_def, critic_def = common.make_actor(config), _onestep_def(config), common.make_critic(config)
+    actor_def, onestep_def, critic_def = (
+        common.make_actor(config),
+        _onestep_def(config),
+        common.make_critic(config),
+    )
     tx = optax.adam(config.lr)
     B, D = config.batch_size, config.chunk_dim
 
@@ -112,7 +120,11 @@ def make_step(config: Config):
         s, x1, valid = batch["observations"], batch["actions"], batch["valid"]
 
         target = td_target(
-            config, state.onestep_actor, state.target_critic, batch, jax.random.normal(k_next, (B, D), jnp.float32)
+            config,
+            state.onestep_actor,
+            state.target_critic,
+            batch,
+            jax.random.normal(k_next, (B, D), jnp.float32),
         )
 
         def critic_loss_fn(params):
@@ -178,10 +190,11 @@ def make_step(config: Config):
     return step
 
 
+@functools.cache
 def make_update(config: Config, num_updates: int = 1):
     """Jitted `(state, data) -> (state, metrics)` running `num_updates` updates in a lax.scan (mean metrics).
 
-    `state` is donated.
+    `state` is donated. Memoised: the same (config, num_updates) returns the same compiled function.
     """
     return common.make_scan_update(make_step(config), num_updates, partial(common.check_dataset, config))
 

@@ -21,6 +21,7 @@ The evaluated policy is the EMA actor run through the Euler sampler (F steps fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import flax.struct
@@ -58,7 +59,9 @@ class Config(common.FlowConfig):
         if self.reversal not in REVERSAL_MODES:
             raise ValueError(f"reversal must be one of {REVERSAL_MODES}, got {self.reversal!r}")
         if self.reversal_method not in flows.REVERSAL_METHODS:
-            raise ValueError(f"reversal_method must be one of {flows.REVERSAL_METHODS}, got {self.reversal_method!r}")
+            raise ValueError(
+                f"reversal_method must be one of {flows.REVERSAL_METHODS}, got {self.reversal_method!r}"
+            )
         if self.reversal_iterations < 1:
             raise ValueError(f"reversal_iterations must be >= 1, got {self.reversal_iterations}")
         if not self.reversal_tolerance >= 0:
@@ -82,6 +85,7 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
 
 
+@partial(jax.jit, static_argnums=0)
 def init(config: Config, key: jax.Array) -> TrainState:
     """Fresh parameters (target critic = critic, EMA actor = actor), Adam states, rng and step 0."""
     k_actor, k_critic, k_rng = jax.random.split(key, 3)
@@ -173,7 +177,9 @@ def make_step(config: Config):
             v = actor_def.apply({"params": params}, s, x_t, t)
             bc_loss = jnp.mean(jnp.square(v - velocity_target) * mask)
             x_next = x_t + v * jnp.minimum(1.0 / F, 1.0 - t)
-            q_pi = critic_def.apply({"params": state.critic}, s, x_next, jnp.minimum(t + 1.0 / F, 1.0)).mean(axis=0)
+            q_pi = critic_def.apply({"params": state.critic}, s, x_next, jnp.minimum(t + 1.0 / F, 1.0)).mean(
+                axis=0
+            )
             q_loss = -jnp.mean(q_pi * valid)
             return config.alpha * bc_loss + q_loss, (bc_loss, q_loss, q_pi)
 
@@ -214,10 +220,12 @@ def make_step(config: Config):
     return step
 
 
+@functools.cache
 def make_update(config: Config, num_updates: int = 1):
     """Jitted `(state, data) -> (state, metrics)` running `num_updates` updates in a lax.scan.
 
     Metrics are the mean over those updates of each per-update value. `state` is donated.
+    Memoised: the same (config, num_updates) returns the same compiled function.
     """
     check = partial(common.check_dataset, config, needs_cache=config.reversal == "cached")
     return common.make_scan_update(make_step(config), num_updates, check)
