@@ -1,13 +1,13 @@
 """From validated params to the agent that one (agent, task) run trains: algorithm, config, reversal mode.
 
-Agent names in ``params.yaml``'s ``agents`` list:
+Run names (``params.yaml``'s ``agents`` groups):
 
-- ``rql``: RQL; its partial actions come from ``train.reversal`` (``online``: reverse every batch through the
-  current actor, the paper's method; ``cached``: read them from the reversal cache, refreshed every
-  ``train.refresh_every`` steps when that is > 0).
-- ``rql_cached`` and ``rql_refresh``: RQL pinned to the cache without refresh, and with refresh every
-  ``train.refresh_every`` steps, so that the three reversal modes can be compared side by side in one study.
-- ``fql``: action-chunked FQL (flow BC + one-step policy distilled from it), the same critic.
+- ``rql``: RQL as in the paper; every batch is reversed online through the current actor (``agent.reversal_method``).
+- ``rql_cached``: RQL whose partial actions come from the reversal cache (the dataset reversed through the BC prior,
+  stages ``prior`` and ``reverse``); the actor starts from that prior.
+- ``rql_refresh``: as ``rql_cached``, with the cache rebuilt on the device from the current actor every
+  ``train.refresh_every`` steps (``reverse.method``), so it stays close to on-policy.
+- ``fql``: action-chunked FQL (flow BC + one-step policy distilled from it) with the same critic.
 - ``bc_flow``: the same flow actor trained by flow matching alone.
 """
 
@@ -48,14 +48,12 @@ class RunSpec:
 
 
 def _reversal(params: Params, name: str) -> tuple[str, int]:
-    if name == "rql":
-        mode = params.train.reversal
-        return mode, params.train.refresh_every if mode == "cached" else 0
-    if name == "rql_cached":
-        return "cached", 0
-    if name == "rql_refresh":
-        return "cached", params.train.refresh_every
-    return "none", 0
+    """(reversal mode, refresh period) of a run: 'online', 'cached' or 'none' (agents without a reversal)."""
+    return {
+        "rql": ("online", 0),
+        "rql_cached": ("cached", 0),
+        "rql_refresh": ("cached", params.train.refresh_every),
+    }.get(name, ("none", 0))
 
 
 def run_spec(params: Params, name: str, task: str, obs_dim: int, action_dim: int) -> RunSpec:
@@ -88,7 +86,7 @@ def run_spec(params: Params, name: str, task: str, obs_dim: int, action_dim: int
             rho=resolved.rho,
             ema=resolved.ema,
             reversal=reversal,
-            reversal_method=params.reverse.method,
+            reversal_method=params.agent.reversal_method,
             reversal_iterations=params.reverse.iterations,
             reversal_tolerance=params.reverse.tolerance,
         )

@@ -45,6 +45,7 @@ def main(argv: list[str]) -> None:
     )
     s = result.summary
     gif = layout.eval_gif(args.agent, args.task, args.seed)
+    gif.parent.mkdir(parents=True, exist_ok=True)  # a DVC output, empty without video
     if e.video and result.videos:
         video.write_gif(gif, next(iter(result.videos.values())))
     record = {"agent": args.agent, "algorithm": algorithm, "task": args.task, "seed": args.seed,

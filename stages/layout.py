@@ -5,7 +5,7 @@
     data/reversed/<task>/part-*.parquet, manifest.json                  reverse
     data/runs/<agent>/<task>/seed<k>/policy.msgpack, summary.json, live/ train (live/: dvclive metrics and plots)
     data/checkpoints/<agent>/<task>/seed<k>/<fingerprint>/              train (Orbax, resumable, not a DVC output)
-    data/evals/<agent>/<task>/seed<k>.json, seed<k>.gif                 evaluate
+    data/evals/<agent>/<task>/seed<k>.json, seed<k>/rollout.gif         evaluate (the folder is empty without video)
     reports/index.html, index.md, figures/                              report
 """
 
@@ -38,5 +38,9 @@ def eval_json(agent: str, task: str, seed: int) -> Path:
     return DATA / "evals" / agent / task / f"seed{seed}.json"
 
 
+def eval_video_dir(agent: str, task: str, seed: int) -> Path:
+    return DATA / "evals" / agent / task / f"seed{seed}"
+
+
 def eval_gif(agent: str, task: str, seed: int) -> Path:
-    return DATA / "evals" / agent / task / f"seed{seed}.gif"
+    return eval_video_dir(agent, task, seed) / "rollout.gif"

@@ -31,6 +31,7 @@ from pydantic import (
     Strict,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 
@@ -286,7 +287,6 @@ def _unique(values: list) -> list:
 
 
 TaskName = Annotated[str, Strict(), AfterValidator(_check_task_name)]
-AgentName = Literal["rql", "rql_cached", "rql_refresh", "fql", "bc_flow"]  # see stages/agent_setup.py
 LayerSizes = Annotated[list[PositiveInt], Field(min_length=1)]
 
 
@@ -325,6 +325,29 @@ class NetworkParams(_Section):
     actor_layer_norm: Bool
 
 
+class AgentsParams(_Section):
+    """What trains on every task x seed, by pipeline stage (see stages/agent_setup.py); [] skips a group.
+
+    Each list names the runs of one train stage, so that each stage declares exactly the params it reads.
+    """
+
+    rql: Annotated[list[Literal["rql"]], AfterValidator(_unique)]
+    rql_cached: Annotated[list[Literal["rql_cached", "rql_refresh"]], AfterValidator(_unique)]
+    fql: Annotated[list[Literal["fql"]], AfterValidator(_unique)]
+    bc_flow: Annotated[list[Literal["bc_flow"]], AfterValidator(_unique)]
+
+    @property
+    def runs(self) -> list[str]:
+        """Every run name, in the order of the groups."""
+        return [*self.rql, *self.rql_cached, *self.fql, *self.bc_flow]
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> "AgentsParams":
+        if not self.runs:
+            raise ValueError("no agent to train: every group is empty")
+        return self
+
+
 class AgentParams(_Section):
     preset: Annotated[str, Strict(), AfterValidator(_check_preset_name)]
     alpha: PositiveFloat | None
@@ -336,6 +359,7 @@ class AgentParams(_Section):
     batch_size: PositiveInt
     tau: _float(gt=0, le=1)
     ema: _float(ge=0, lt=1)
+    reversal_method: Literal["euler", "exact"]  # RQL's online reversal of each batch
 
 
 class FqlParams(_Section):
@@ -356,12 +380,12 @@ class ReverseParams(_Section):
 
 class TrainParams(_Section):
     steps: PositiveInt
-    reversal: Literal["online", "cached"]
     refresh_every: NonNegativeInt
     updates_per_call: PositiveInt
     log_every: PositiveInt
     checkpoint_every: PositiveInt
     eval_every: NonNegativeInt
+    eval_episodes: PositiveInt
     device: Literal["auto", "cpu", "gpu"]
 
 
@@ -377,7 +401,7 @@ class Params(_Section):
 
     tasks: Annotated[list[TaskName], Field(min_length=1)]
     seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
-    agents: Annotated[list[AgentName], Field(min_length=1)]
+    agents: AgentsParams
     data: DataParams
     flow: FlowParams
     networks: NetworkParams
@@ -388,7 +412,7 @@ class Params(_Section):
     train: TrainParams
     evaluate: EvaluateParams
 
-    _no_duplicates = field_validator("tasks", "seeds", "agents")(_unique)
+    _no_duplicates = field_validator("tasks", "seeds")(_unique)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,13 +486,13 @@ def consistency_errors(params: Params) -> list[str]:
     """`key: problem` lines for settings that are valid alone but contradict each other."""
     errors = []
     train, data = params.train, params.data
-    refreshing = train.reversal == "cached" or "rql_refresh" in params.agents
+    refreshing = "rql_refresh" in params.agents.rql_cached
     if train.refresh_every > 0 and not refreshing:
         errors.append(
-            f"train.refresh_every: only used with train.reversal: cached or the rql_refresh agent, but reversal is "
-            f"online (got refresh_every={train.refresh_every}; set it to 0, use reversal: cached, or add rql_refresh)"
+            f"train.refresh_every: only the rql_refresh agent refreshes its cache, and agents.rql_cached does not "
+            f"list it (got refresh_every={train.refresh_every}; set it to 0 or add rql_refresh)"
         )
-    if "rql_refresh" in params.agents and train.refresh_every == 0:
+    if refreshing and train.refresh_every == 0:
         errors.append("train.refresh_every: the rql_refresh agent needs refresh_every > 0 (got 0)")
     if train.refresh_every and train.checkpoint_every % train.refresh_every:
         errors.append(

@@ -38,7 +38,7 @@ def read_json(path: Path) -> dict:
 def collect_evals(params) -> pd.DataFrame:
     """One row per configured (agent, task, seed): final success (%) and its episode-level Wilson interval."""
     rows = []
-    for agent in params.agents:
+    for agent in params.agents.runs:
         for task in params.tasks:
             for seed in params.seeds:
                 path = layout.eval_json(agent, task, seed)
@@ -56,7 +56,7 @@ def collect_evals(params) -> pd.DataFrame:
 
 def collect_summaries(params) -> pd.DataFrame:
     rows = []
-    for agent in params.agents:
+    for agent in params.agents.runs:
         for task in params.tasks:
             for seed in params.seeds:
                 record = read_json(layout.run_dir(agent, task, seed) / "summary.json")
@@ -81,7 +81,7 @@ def read_dvclive_series(live_dir: Path) -> pd.DataFrame:
 def collect_curves(params, evals: pd.DataFrame) -> pd.DataFrame:
     """Every run's dvclive series plus its final evaluation as the last point of ``eval/success``."""
     frames = []
-    for agent in params.agents:
+    for agent in params.agents.runs:
         for task in params.tasks:
             for seed in params.seeds:
                 series = read_dvclive_series(layout.run_dir(agent, task, seed) / "live")
@@ -137,24 +137,20 @@ def reversal_table(evals: pd.DataFrame, summaries: pd.DataFrame) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def roundtrip_errors(params) -> tuple[dict[str, np.ndarray], list[dict]]:
-    import pyarrow.parquet as pq
-
-    from stages.core import shards
-
-    errors, rows = {}, []
+def cache_summaries(params) -> tuple[dict[str, dict], list[dict]]:
+    """Round-trip error summaries of the reversal caches, as the cached runs read them (one per task)."""
+    histograms, rows = {}, []
     for task in params.tasks:
-        directory = layout.reversed_dir(task)
-        if not (directory / "manifest.json").is_file():
-            continue
-        manifest = shards.read_manifest(directory)
-        values = np.concatenate([pq.read_table(directory / s.file, columns=["roundtrip_error"])
-                                 .column(0).to_numpy() for s in manifest.shards])
-        errors[f"{task.replace('-singletask', '')} ({manifest.method})"] = values
-        rows.append({"task": task, "method": manifest.method, "rows": manifest.total_rows,
-                     "shards": len(manifest.shards), "median error": f"{np.median(values):.2e}",
-                     "p99 error": f"{np.quantile(values, 0.99):.2e}", "max error": f"{values.max():.2e}"})
-    return errors, rows
+        for agent in params.agents.rql_cached:
+            cache = read_json(layout.run_dir(agent, task, params.seeds[0]) / "summary.json").get("cache")
+            if not cache:
+                continue
+            histograms[f"{task.replace('-singletask', '')} ({cache['method']})"] = cache["histogram"]
+            rows.append({"task": task, "method": cache["method"], "rows": cache["rows"],
+                         "median error": f"{cache['median']:.2e}", "p99 error": f"{cache['p99']:.2e}",
+                         "max error": f"{cache['max']:.2e}"})
+            break
+    return histograms, rows
 
 
 def main(argv: list[str]) -> None:
@@ -177,7 +173,7 @@ def main(argv: list[str]) -> None:
     evals = collect_evals(params)
     summaries = collect_summaries(params)
     curves = collect_curves(params, evals)
-    agents = list(params.agents)
+    agents = list(params.agents.runs)
     sections = []
 
     paper = {(a, t): v for a in ("rql", "fql") for t in params.tasks if (v := paper_success(a, t)) is not None}
@@ -204,10 +200,10 @@ def main(argv: list[str]) -> None:
         path = figures.save_png(figures.metric_curves(losses, LOSS_METRICS), fig_dir / "training_metrics.png")
         sections.append(Section("Training metrics", figures=[Figure(path, "Losses and Q statistics (dvclive).")]))
 
-    errors, error_rows = roundtrip_errors(params)
+    histograms, error_rows = cache_summaries(params)
     reversal_figures, reversal_tables = [], []
-    if errors:
-        reversal_figures.append(Figure(figures.save_png(figures.roundtrip_histogram(errors),
+    if histograms:
+        reversal_figures.append(Figure(figures.save_png(figures.roundtrip_histogram(histograms),
                                                         fig_dir / "roundtrip_error.png"),
                                        "Round-trip error of the cached reversal through the prior."))
         reversal_tables.append(pd.DataFrame(error_rows))

@@ -41,8 +41,9 @@ def load_prior(task: str, config) -> Prior:
     return Prior(params=jax.tree_util.tree_map(jnp.asarray, loaded.params), sha256=digest)
 
 
-def load_cache(task: str, config, dataset_sha256: str, prior_sha256: str) -> np.ndarray:
-    """The task's reversal cache as (N, F + 1, h*d), checked against the dataset and prior in use."""
+def load_cache(task: str, config, dataset_sha256: str, prior_sha256: str) -> tuple[np.ndarray, dict]:
+    """The task's reversal cache as (N, F + 1, h*d), checked against the dataset and prior in use, and a summary
+    of its round-trip errors (method, rows, quantiles and a log-spaced histogram) for the report."""
     directory = layout.reversed_dir(task)
     cache = shards.read_cache(
         directory, inputs={"dataset": dataset_sha256, "prior": prior_sha256}, F=config.flow_steps, h=config.h,
@@ -50,9 +51,22 @@ def load_cache(task: str, config, dataset_sha256: str, prior_sha256: str) -> np.
     )
     if not np.array_equal(cache.rows, np.arange(cache.rows.size)):
         raise shards.ShardCacheError(f"{directory}: rows are not 0..N-1 in order: {REBUILD_HINT}")
+    summary = roundtrip_summary(cache.roundtrip_error, cache.manifest.method)
     log.info("read the reversal cache %s: %d rows (%s, max round-trip error %.2e)", directory, cache.rows.size,
-             cache.manifest.method, float(cache.roundtrip_error.max()) if cache.rows.size else 0.0)
-    return cache.x
+             cache.manifest.method, summary["max"])
+    return cache.x, summary
+
+
+def roundtrip_summary(errors: np.ndarray, method: str, bins: int = 30) -> dict:
+    """Quantiles and a log-spaced histogram of per-row round-trip errors (JSON-ready)."""
+    errors = np.asarray(errors, dtype=np.float64)
+    floor = 1e-9
+    clipped = np.clip(errors, floor, None)
+    edges = np.logspace(np.log10(clipped.min()), np.log10(max(clipped.max(), clipped.min() * 10)), bins + 1)
+    counts, _ = np.histogram(clipped, bins=edges)
+    return {"method": method, "rows": int(errors.size), "median": float(np.median(errors)),
+            "p99": float(np.quantile(errors, 0.99)), "max": float(errors.max()),
+            "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
 
 def drift_probe(config, data, rows: int, tolerance: float) -> Callable[[Any, Any], dict[str, float]]:
@@ -66,11 +80,12 @@ def drift_probe(config, data, rows: int, tolerance: float) -> Callable[[Any, Any
     return probe
 
 
-def refresh(config, actor_params, data, batch_size: int = 4096):
-    """``data`` with its cache rebuilt on the device from ``actor_params`` (the RQL config's reversal method)."""
-    log.info("refreshing the reversal cache from the current actor (%d rows)", data.size)
-    table = cache_build.rebuild(config, actor_params, data, min(batch_size, data.size), config.reversal_method,
-                                config.reversal_iterations, config.reversal_tolerance)
+def refresh(config, actor_params, data, reverse_params):
+    """``data`` with its cache rebuilt on the device from ``actor_params``, the way the cache was built
+    (``reverse_params``: the params' ``reverse`` section)."""
+    log.info("refreshing the reversal cache from the current actor (%d rows, %s)", data.size, reverse_params.method)
+    table = cache_build.rebuild(config, actor_params, data, min(reverse_params.batch_size, data.size),
+                                reverse_params.method, reverse_params.iterations, reverse_params.tolerance)
     return data.replace(reversal=table)
 
 

@@ -42,10 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_run_is_configured(params: Params, agent: str, task: str, seed: int) -> None:
-    if agent not in params.agents or task not in params.tasks or seed not in params.seeds:
+    if agent not in params.agents.runs or task not in params.tasks or seed not in params.seeds:
         raise ValueError(
             f"run ({agent}, {task}, seed {seed}) is not in params.yaml "
-            f"(agents {params.agents}, tasks {params.tasks}, seeds {params.seeds})"
+            f"(agents {params.agents.runs}, tasks {params.tasks}, seeds {params.seeds})"
         )
 
 
@@ -70,10 +70,10 @@ def main(argv: list[str]) -> None:
     log.info("run %s on %s, seed %d, %s: %s", args.agent, args.task, args.seed, platform, config)
 
     inputs = {"dataset": data.sha256}
-    cache = prior = None
+    cache = prior = cache_summary = None
     if spec.uses_cache:
         prior = reversal_cache.load_prior(args.task, config)
-        cache = reversal_cache.load_cache(args.task, config, data.sha256, prior.sha256)
+        cache, cache_summary = reversal_cache.load_cache(args.task, config, data.sha256, prior.sha256)
         inputs["prior"] = prior.sha256
     device_data = batches.to_device(data.arrays, reversal=cache)
     del cache
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
 
         def on_eval(step: int, current) -> None:
             policy = make_policy(spec.algorithm, config, module.policy_params(current))
-            result = evaluator.run(policy, episodes=params.evaluate.episodes, seed=EVAL_SEED + args.seed)
+            result = evaluator.run(policy, episodes=t.eval_episodes, seed=EVAL_SEED + args.seed)
             s = result.summary
             log.info("step %d: success %.1f%% over %d episodes", step, 100 * s.success_rate, s.episodes)
             live.step = step
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> None:
             live.make_summary()
 
         def refresh(current, data_now):
-            return reversal_cache.refresh(config, current.actor, data_now)
+            return reversal_cache.refresh(config, current.actor, data_now, params.reverse)
 
         try:
             state = training_loop.run(
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> None:
         "agent": args.agent, "task": args.task, "seed": args.seed, "steps": t.steps, "platform": platform,
         "reversal": spec.reversal, "refresh_every": spec.refresh_every, "resumed_from": start_step,
         "wall_time_s": round(elapsed, 3), "steps_per_second": round(trained / elapsed, 3) if trained else None,
-        "policy_sha256": digest, "parameters": int(sum(
+        "cache": cache_summary, "policy_sha256": digest, "parameters": int(sum(
             np.size(x) for x in jax.tree_util.tree_leaves(module.policy_params(state)))),
     })
     log.info("done: %d steps in %.1f s; policy %s", trained, elapsed, out / "policy.msgpack")

@@ -138,8 +138,11 @@ def test_unknown_task_names_are_rejected_at_their_list_index(raw, task, fragment
         ({"reverse": {"method": "rk4"}}, "reverse.method", "'exact' or 'euler'"),
         ({"train": {"device": "tpu"}}, "train.device", "'auto', 'cpu' or 'gpu'"),
         ({"evaluate": {"video": "yes"}}, "evaluate.video", "valid boolean"),
-        ({"agents": ["rql", "iql"]}, "agents[1]", "Input should be 'rql', "),
-        ({"agents": ["rql", "rql"]}, "agents", "duplicate entries: rql"),
+        ({"agents": {"fql": ["fql", "iql"]}}, "agents.fql[1]", "Input should be 'fql'"),
+        ({"agents": {"rql_cached": ["rql"]}}, "agents.rql_cached[0]", "'rql_cached' or 'rql_refresh'"),
+        ({"agents": {"rql": ["rql", "rql"]}}, "agents.rql", "duplicate entries: rql"),
+        ({"agents": ["rql", "fql"]}, "agents", "valid dictionary"),
+        ({"agents": {"rql": [], "rql_cached": [], "fql": [], "bc_flow": []}}, "agents", "every group is empty"),
         ({"seeds": [0, 1, 0]}, "seeds", "duplicate entries: 0"),
         ({"seeds": []}, "seeds", "at least 1 item"),
         (
@@ -172,7 +175,14 @@ def test_missing_keys_are_named(raw):
 @pytest.mark.parametrize(
     "changes, key, fragment",
     [
-        ({"train": {"refresh_every": 1000, "reversal": "online"}}, "train.refresh_every", "reversal: cached"),
+        (
+            {"train": {"refresh_every": 1000}, "agents": {"rql_cached": ["rql_cached"]}},
+            "train.refresh_every",
+            "add rql_refresh",
+        ),
+        ({"train": {"refresh_every": 0}}, "train.refresh_every", "rql_refresh agent needs refresh_every > 0"),
+        ({"train": {"checkpoint_every": 3000}}, "train.checkpoint_every", "multiple of train.refresh_every=2500"),
+        ({"prior": {"steps": 150}}, "prior.steps", "multiple of train.updates_per_call=100"),
         ({"train": {"log_every": 150}}, "train.log_every", "multiple of train.updates_per_call=100"),
         ({"evaluate": {"workers": 30, "envs": 25}}, "evaluate.workers", "workers=30 > envs=25"),
         (
@@ -189,7 +199,8 @@ def test_inconsistent_settings_name_their_key(raw, changes, key, fragment):
 
 
 def test_consistent_variants_are_accepted(raw):
-    validate_params(with_changes(raw, train={"reversal": "cached", "refresh_every": 1000}))
+    validate_params(with_changes(raw, train={"refresh_every": 500, "checkpoint_every": 2500}))
+    validate_params(with_changes(raw, agents={"rql_cached": ["rql_cached"]}, train={"refresh_every": 0}))
     validate_params(with_changes(raw, evaluate={"episodes": 10, "envs": 25, "workers": 25}))
     validate_params(with_changes(raw, agent={"lr": "1e-4"}))  # PyYAML reads 1e-4 as a string
 

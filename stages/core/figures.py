@@ -150,16 +150,15 @@ def metric_curves(metrics: pd.DataFrame, names: list[str]) -> Figure:
     return figure
 
 
-def roundtrip_histogram(errors: dict[str, np.ndarray]) -> Figure:
-    """Distribution of the per-chunk round-trip error (max |forward(reverse(a)) - a|), one series per label."""
+def roundtrip_histogram(histograms: dict[str, dict]) -> Figure:
+    """Per-chunk round-trip error (max |forward(reverse(a)) - a|) histograms, one series per label.
+
+    Each histogram is ``{"edges": [...], "counts": [...]}`` with log-spaced edges.
+    """
     figure, axis = plt.subplots(figsize=(5.2, 3.2))
-    finite = [np.asarray(e, dtype=np.float64) for e in errors.values() if len(e)]
-    floor = 1e-9
-    high = max((float(e.max()) for e in finite), default=1.0)
-    low = min((float(max(e.min(), floor)) for e in finite), default=floor)
-    bins = np.logspace(np.log10(max(low, floor)), np.log10(max(high, low * 10)), 40)
-    for label, values in errors.items():
-        axis.hist(np.clip(np.asarray(values, dtype=np.float64), floor, None), bins=bins, alpha=0.6, label=label)
+    for label, histogram in histograms.items():
+        edges = np.asarray(histogram["edges"], dtype=np.float64)
+        axis.stairs(np.asarray(histogram["counts"]), edges, fill=True, alpha=0.5, label=label)
     axis.set_xscale("log")
     axis.set_xlabel("round-trip error (max abs, per chunk)")
     axis.set_ylabel("chunks")
