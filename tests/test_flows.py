@@ -38,13 +38,9 @@ def actors():
     state = bc_flow.init(config, jax.random.PRNGKey(0))
     random_params = common.copy_tree(state.actor)
     state, _first = bc_flow.make_update(config, 1000)(state, data)
-    module = common.make_actor(config)
     batch = batches.chunks_at(data, data.starts[:128], H, 0.99)
-
-    def velocity(params):
-        return lambda s, x, t: module.apply({"params": params}, s, x, t)
-
-    return {"random": velocity(random_params), "trained": velocity(state.actor)}, batch
+    velocities = {"random": random_params, "trained": state.actor}
+    return {k: common.velocity_fn(config, p) for k, p in velocities.items()}, batch
 
 
 @pytest.mark.parametrize("which", ["random", "trained"])

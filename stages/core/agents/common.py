@@ -162,15 +162,22 @@ def check_observations(config: FlowConfig, observations) -> jnp.ndarray:
     return observations
 
 
+def velocity_fn(config: FlowConfig, params) -> flows.Velocity:
+    """The actor `params` as a velocity callable v(s, x, t) for stages.core.flows (sampling, reversal)."""
+    actor_def = make_actor(config)
+
+    def velocity(observations, x, t):
+        return actor_def.apply({"params": params}, observations, x, t)
+
+    return velocity
+
+
 @partial(jax.jit, static_argnums=0)
 def _sample_flow(config: FlowConfig, params, observations, key):
-    actor_def = make_actor(config)
     noise = jax.random.normal(key, (observations.shape[0], config.chunk_dim), jnp.float32)
-
-    def velocity(obs, x, t):
-        return actor_def.apply({"params": params}, obs, x, t)
-
-    chunks = flows.euler_sample(velocity, observations, noise, config.flow_steps, clip=True)
+    chunks = flows.euler_sample(
+        velocity_fn(config, params), observations, noise, config.flow_steps, clip=True
+    )
     return chunks.reshape(observations.shape[0], config.h, config.action_dim)
 
 

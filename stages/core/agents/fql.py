@@ -137,8 +137,7 @@ def make_step(config: Config):
         mask = action_loss_mask(batch["action_mask"], config.action_dim)
         z = jax.random.normal(k_distill, (B, D))
 
-        def flow_velocity(obs, x, tt):
-            return actor_def.apply({"params": state.actor}, obs, x, tt)
+        flow_velocity = common.velocity_fn(config, state.actor)
 
         flow_actions = flows.euler_sample(flow_velocity, s, z, config.flow_steps, clip=True)
 

@@ -156,8 +156,7 @@ def make_step(config: Config):
         batch = sample_chunks(data, k_rows, B, config.h, config.discount)
         s, x1, valid = batch["observations"], batch["actions"], batch["valid"]
 
-        def velocity(obs, x, t):
-            return actor_def.apply({"params": state.actor}, obs, x, t)
+        velocity = common.velocity_fn(config, state.actor)
 
         x_f, f, rev_metrics = _partial_states(config, data, velocity, batch, k_rev)
         x_f = jax.lax.stop_gradient(x_f)
