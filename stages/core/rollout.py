@@ -217,22 +217,33 @@ def _make_env(env_id: str, render_size: tuple[int, int], env_kwargs: dict):
 
 
 class _EnvGroup:
-    """Environments that run one episode each at a time; stepped a whole chunk per command."""
+    """Environments that run one episode each at a time; stepped a whole chunk per command.
 
-    def __init__(self, env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict):
+    Each env is stepped through a :mod:`stages.core.fast_env` stepper: for OGBench's manipulation envs (with
+    ``fast_env=True``) one that skips OGBench's info-dict bookkeeping and gymnasium's wrappers, with bitwise the same
+    observations, rewards, flags and successes; for any other env the gymnasium env itself.
+    """
+
+    def __init__(
+        self, env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict, fast_env: bool = True
+    ):
+        from stages.core.fast_env import make_stepper
+
         self.envs = [_make_env(env_id, render_size, env_kwargs) for _ in range(count)]
+        self.steppers = [make_stepper(env, fast=fast_env) for env in self.envs]
         self.steps = [0] * count
         self.limit = [0] * count
         self.frame_skip = [0] * count  # 0: not recording
 
     def spaces(self) -> dict:
-        """Observation shape/dtype, action dim and time limit of the environments."""
+        """Observation shape/dtype, action dim, time limit of the environments and whether they step fast."""
         env = self.envs[0]
         return {
             "obs_shape": tuple(env.observation_space.shape),
             "obs_dtype": str(env.observation_space.dtype),
             "action_dim": int(np.prod(env.action_space.shape)),
             "time_limit": env.spec.max_episode_steps if env.spec is not None else None,
+            "fast": bool(self.steppers[0].fast),
         }
 
     def _frame(self, i: int) -> np.ndarray:
@@ -248,10 +259,7 @@ class _EnvGroup:
         """Reset envs: items are (local index, seed, step limit, frame skip or 0)."""
         out = []
         for i, seed, limit, frame_skip in items:
-            env = self.envs[i]
-            # OGBench's reset takes a few random actions from the action space: seed it too.
-            env.unwrapped.action_space.seed(seed)
-            obs, _ = env.reset(seed=seed)
+            obs = self.steppers[i].reset(seed)
             self.steps[i], self.limit[i], self.frame_skip[i] = 0, limit, frame_skip
             frames = [self._frame(i)] if frame_skip else []
             out.append((i, np.asarray(obs), frames))
@@ -265,14 +273,13 @@ class _EnvGroup:
         """
         out = []
         for i, chunk in items:
-            env, reward_sum, taken, done, success, frames = self.envs[i], 0.0, 0, False, False, []
+            step, reward_sum, taken, done, success, frames = self.steppers[i].step, 0.0, 0, False, False, []
             for action in chunk:
-                obs, reward, terminated, truncated, info = env.step(action)
+                obs, reward, terminated, truncated, success = step(action)
                 self.steps[i] += 1
                 taken += 1
                 reward_sum += float(reward)
-                success = bool(info.get("success", False))
-                done = bool(terminated or truncated or self.steps[i] >= self.limit[i])
+                done = terminated or truncated or self.steps[i] >= self.limit[i]
                 skip = self.frame_skip[i]
                 if skip and (self.steps[i] % skip == 0 or done):
                     frames.append(self._frame(i))
@@ -306,8 +313,8 @@ def _worker_entry(fd: int) -> None:
     conn = Connection(fd)
     group = None
     try:
-        env_id, count, render_size, env_kwargs = conn.recv()
-        group = _EnvGroup(env_id, count, render_size, env_kwargs)
+        env_id, count, render_size, env_kwargs, fast_env = conn.recv()
+        group = _EnvGroup(env_id, count, render_size, env_kwargs, fast_env)
         conn.send(("ok", group.spaces()))
         _serve(conn, group)
     except (EOFError, KeyboardInterrupt):
@@ -364,17 +371,19 @@ def _stop_workers(conns: list[Connection], procs: list[subprocess.Popen]) -> Non
 class _Backend:
     """Environment groups: group 0 in this process, groups 1.. in worker processes, stepped concurrently."""
 
-    def __init__(self, env_id: str, counts: list[int], render_size: tuple[int, int], env_kwargs: dict):
+    def __init__(
+        self, env_id: str, counts: list[int], render_size: tuple[int, int], env_kwargs: dict, fast_env: bool
+    ):
         self.conns: list[Connection] = []
         self.procs: list[subprocess.Popen] = []
         self.broken = False
         self._finalizer = weakref.finalize(self, _stop_workers, self.conns, self.procs)
         try:
             for count in counts[1:]:  # start the workers first: they build their envs while this process does
-                conn, proc = _start_worker((env_id, count, render_size, env_kwargs))
+                conn, proc = _start_worker((env_id, count, render_size, env_kwargs, fast_env))
                 self.conns.append(conn)
                 self.procs.append(proc)
-            self.local = _EnvGroup(env_id, counts[0], render_size, env_kwargs)
+            self.local = _EnvGroup(env_id, counts[0], render_size, env_kwargs, fast_env)
             self._spaces = self.local.spaces()
             for w in range(1, len(counts)):
                 self._receive(w)
@@ -528,6 +537,8 @@ class Evaluator:
             started, and this process steps its share of the environments while they step theirs.
         render_size: (width, height) of rendered video frames.
         env_kwargs: extra keyword arguments for ``gymnasium.make``.
+        fast_env: step OGBench manipulation envs with :class:`stages.core.fast_env.ManipStepper` (bitwise the same
+            outputs, ~30% less time per step); False steps the gymnasium env itself.
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -540,6 +551,7 @@ class Evaluator:
         workers: int = 1,
         render_size: tuple[int, int] = (200, 200),
         env_kwargs: dict | None = None,
+        fast_env: bool = True,
     ):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
@@ -556,12 +568,13 @@ class Evaluator:
         start = time.perf_counter()
         kwargs = dict(env_kwargs or {})
         size = (int(render_size[0]), int(render_size[1]))
-        self._backend = _Backend(self.env_id, _split_round_robin(num_envs, workers), size, kwargs)
+        self._backend = _Backend(self.env_id, _split_round_robin(num_envs, workers), size, kwargs, bool(fast_env))
         info = self._backend.spaces()
         self.obs_shape: tuple[int, ...] = info["obs_shape"]
         self.obs_dtype = np.dtype(info["obs_dtype"])
         self.action_dim: int = info["action_dim"]
         self.time_limit: int | None = info["time_limit"]
+        self.fast_env: bool = info["fast"]
         self._setup_time = time.perf_counter() - start
         self._closed = False
 
