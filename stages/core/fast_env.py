@@ -37,6 +37,11 @@ _DRAWER_SCALER = 18.0
 _WINDOW_SCALER = 15.0
 _TAYLOR_EPS = 1e-10  # ogbench.manipspace.lie.utils.get_epsilon(float64)
 
+try:  # the gufunc behind np.linalg.solve(a, b) for a vector b (numpy >= 1.8)
+    from numpy.linalg._umath_linalg import solve1 as _SOLVE1
+except ImportError:  # pragma: no cover - then np.linalg.solve is used
+    _SOLVE1 = None
+
 
 class Step(NamedTuple):
     """What an evaluation reads from one env step."""
@@ -201,6 +206,12 @@ class ManipStepper:
         self._grip_acts = u._gripper_actuator_ids
         self._grip_joint = u._gripper_opening_joint_id  # OGBench indexes qpos by this joint id: so do we
         self._pad_body = m.body("ur5e/robotiq/right_pad").id
+        self._action_low = u.action_low
+        self._action_span = u.action_high - u.action_low  # as unnormalize_action computes it, once
+        self._workspace = u._workspace_bounds.tolist()
+        from ogbench.manipspace.lie import SE3
+
+        self._se3 = SE3
         self._down = tuple(u._effector_down_rotation.wxyz.tolist())
         self._down_inv = tuple(u._effector_down_rotation.inverse().wxyz.tolist())
         self._t_pa = tuple(u._T_pa.wxyz_xyz.tolist())
@@ -219,10 +230,11 @@ class ManipStepper:
         self._obs_size = 19 + 9 * len(self._cube_qpos) + (self._button_states + 2) * buttons
         self._obs_size += 4 if self.kind == "scene" else 0
         ik = u._ik
+        if len(ik._site_ids) != 1 or ik._qp0 is not None or ik._err.shape != (1, 6):
+            raise ValueError("ManipStepper replicates OGBench's single-site IK without a posture target")
         self._ik = ik
         self._ik_site = int(ik._site_ids[0])
-        if len(ik._site_ids) != 1 or ik._qp0 is not None:
-            raise ValueError("ManipStepper replicates OGBench's single-site IK without a posture target")
+        self._ik_views = _IKViews(ik, self._ik_site)
         self._compiled_for = (m, u._data)
 
     # -- the gymnasium-equivalent API ---------------------------------------------------------------------------------
@@ -276,23 +288,22 @@ class ManipStepper:
     def _set_control(self, action: np.ndarray) -> None:
         """``ManipSpaceEnv.set_control``: relative end-effector target -> IK joint targets and gripper command."""
         u, d = self.u, self.data
-        action = u.unnormalize_action(action)
-        a_pos, a_ori, a_gripper = action[:3], float(action[3]), float(action[4])
-        effector_pos = d.site_xpos[self._pinch].copy()
+        action = (0.5 * (action + 1) * self._action_span + self._action_low).tolist()  # unnormalize_action
+        a_ori, a_gripper = action[3], action[4]
+        effector_pos = d.site_xpos[self._pinch].tolist()
         effector_yaw = yaw_of(self._site_quat(d, self._pinch).tolist())
         gripper_opening = clip(float(d.qpos[self._grip_joint]) / 0.8, 0.0, 1.0)
-        target_translation = effector_pos + a_pos
+        target_translation = [p + a for p, a in zip(effector_pos, action[:3], strict=True)]
         orientation = quat_mul(quat_mul(quat_from_z(a_ori), quat_from_z(effector_yaw)), self._down_inv)
         target_gripper_opening = gripper_opening + a_gripper
-        np.clip(target_translation, *u._workspace_bounds, out=target_translation)
+        target_translation = [clip(x, lo, hi) for x, lo, hi in zip(target_translation, *self._workspace, strict=True)]
         yaw = clip(yaw_of(orientation), -math.pi, math.pi)
         orientation = quat_mul(quat_from_z(yaw), self._down)
         target_gripper_opening = clip(target_gripper_opening, 0.0, 1.0)
-        translation = target_translation.tolist()
-        u._target_effector_pose = _se3(np.array([*orientation, *translation]))
+        u._target_effector_pose = self._se3(wxyz_xyz=np.array([*orientation, *target_translation]))
         # T_wa = target pose @ T_pa (SE3 product: rotations multiplied, T_pa's translation rotated and shifted)
         attach_quat = quat_mul(orientation, self._t_pa[:4])
-        attach_pos = [r + t for r, t in zip(quat_apply(orientation, self._t_pa[4:]), translation, strict=True)]
+        attach_pos = [r + t for r, t in zip(quat_apply(orientation, self._t_pa[4:]), target_translation, strict=True)]
         qpos_target = self._ik_solve(np.array(attach_pos), np.array(attach_quat), d.qpos[self._arm_joints])
         d.ctrl[self._arm_acts] = qpos_target
         d.ctrl[self._grip_acts] = 255.0 * target_gripper_opening
@@ -313,27 +324,27 @@ class ManipStepper:
         ori_thresh: float = 1e-4,
     ) -> np.ndarray:
         """``DiffIKController.solve`` for one site and no posture target, on the controller's own buffers."""
-        ik, mj = self._ik, self._mj
+        mj, ik = self._mj, self._ik
         m, d, site = ik._model, ik._data, self._ik_site
-        err, jac = ik._err, ik._jac
-        site_quat, site_quat_inv, err_quat = ik._site_quat[0], ik._site_quat_inv[0], ik._err_quat[0]
+        v = self._ik_views
         d.qpos = curr_qpos
         for _ in range(max_iters):
             mj.mj_kinematics(m, d)
-            mj.mj_comPos(m, d)
-            err[0, :3] = pos - d.site_xpos[site]
-            mj.mju_mat2Quat(site_quat, d.site_xmat[site])
-            mj.mju_negQuat(site_quat_inv, site_quat)
-            mj.mju_mulQuat(err_quat, quat, site_quat_inv)
-            mj.mju_quat2Vel(err[0, 3:], err_quat, 1.0)
-            # np.linalg.norm of a float vector is sqrt(x.dot(x)); both norms are computed in OGBench too (no side effects)
-            pos_err, ori_err = err[0, :3], err[0, 3:]
-            if math.sqrt(pos_err.dot(pos_err)) <= pos_thresh and math.sqrt(ori_err.dot(ori_err)) <= ori_thresh:
+            mj.mj_comPos(m, d)  # (_forward_kinematics)
+            np.subtract(pos, v.site_pos, out=v.pos_err)  # err[:, :3] = pos - site_xpos
+            mj.mju_mat2Quat(v.site_quat, v.site_mat)
+            mj.mju_negQuat(v.site_quat_inv, v.site_quat)
+            mj.mju_mulQuat(v.err_quat, quat, v.site_quat_inv)
+            mj.mju_quat2Vel(v.ori_err, v.err_quat, 1.0)
+            # np.linalg.norm(x) of a float vector is sqrt(x.dot(x)); OGBench computes both norms (no side effects)
+            pos_norm, ori_norm = math.sqrt(v.pos_err.dot(v.pos_err)), math.sqrt(v.ori_err.dot(v.ori_err))
+            if pos_norm <= pos_thresh and ori_norm <= ori_thresh:
                 break
-            mj.mj_jacSite(m, d, jac[0:3], jac[3:6], site)
-            h = jac @ jac.T + ik._damping
-            update = jac.T @ np.linalg.solve(h, err.ravel())
-            update_max = np.abs(update).max()
+            mj.mj_jacSite(m, d, v.jac_pos, v.jac_rot, site)
+            h = np.matmul(v.jac, v.jac_t, out=v.h)  # _solve: jac @ jac.T + damping, solve, jac.T @ x
+            h += ik._damping
+            update = v.jac_t @ _lapack_solve(h, v.err_flat)
+            update_max = np.abs(update).max()  # _scale_update
             if update_max > ik._max_angle_change:
                 update *= ik._max_angle_change / update_max
             mj.mj_integratePos(m, d.qpos, update, 1.0)
@@ -375,8 +386,32 @@ class ManipStepper:
         return ob
 
 
-def _se3(wxyz_xyz: np.ndarray):
-    """An ``ogbench.manipspace.lie.SE3`` (kept on the env as ``_target_effector_pose``, as OGBench does)."""
-    from ogbench.manipspace.lie import SE3
+class _IKViews:
+    """Views into a ``DiffIKController``'s buffers and MjData (stable: the controller never reallocates them)."""
 
-    return SE3(wxyz_xyz=wxyz_xyz)
+    def __init__(self, ik, site: int):
+        self.site_pos = ik._data.site_xpos[site]
+        self.site_mat = ik._data.site_xmat[site]
+        self.pos_err, self.ori_err, self.err_flat = ik._err[0, :3], ik._err[0, 3:], ik._err.reshape(-1)
+        self.site_quat, self.site_quat_inv, self.err_quat = ik._site_quat[0], ik._site_quat_inv[0], ik._err_quat[0]
+        self.jac, self.jac_t = ik._jac, ik._jac.T
+        self.jac_pos, self.jac_rot = ik._jac[0:3], ik._jac[3:6]
+        self.h = np.empty((ik._jac.shape[0], ik._jac.shape[0]))
+
+
+def _lapack_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.linalg.solve(a, b)`` for a square float64 ``a`` and vector ``b``: the same LAPACK gufunc, called directly
+    (np.linalg.solve spends most of its ~9 us in argument checks and an errstate context).
+
+    A singular ``a`` gives non-finite values (or a FloatingPointError under ``np.errstate(invalid='raise')``);
+    then np.linalg.solve itself is called, raising its LinAlgError as OGBench's controller would.
+    """
+    if _SOLVE1 is None:
+        return np.linalg.solve(a, b)
+    try:
+        x = _SOLVE1(a, b, signature="dd->d")
+    except FloatingPointError:
+        return np.linalg.solve(a, b)
+    if not np.isfinite(x).all():
+        return np.linalg.solve(a, b)
+    return x
