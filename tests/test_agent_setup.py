@@ -1,0 +1,60 @@
+"""From params to runs: each agent name gets its algorithm, reversal mode and the task's preset settings."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from stages.agent_setup import AGENT_NAMES, config_from_metadata, run_spec
+from stages.params import validate_params
+
+CUBE = "cube-single-play-singletask-task2-v0"
+SCENE = "scene-play-singletask-task2-v0"
+
+
+@pytest.fixture(scope="module")
+def params():
+    with open("params.yaml") as handle:
+        raw = yaml.safe_load(handle)
+    raw = copy.deepcopy(raw)
+    raw["tasks"] = [CUBE, SCENE]
+    return validate_params(raw)
+
+
+@pytest.mark.parametrize(
+    "name, algorithm, reversal, refresh",
+    [("rql", "rql", "online", 0), ("rql_cached", "rql", "cached", 0), ("rql_refresh", "rql", "cached", 2500),
+     ("fql", "fql", "none", 0), ("bc_flow", "bc_flow", "none", 0)],
+)
+def test_each_agent_name_maps_to_its_algorithm_and_reversal(params, name, algorithm, reversal, refresh):
+    spec = run_spec(params, name, CUBE, obs_dim=28, action_dim=5)
+    assert (spec.algorithm, spec.reversal, spec.refresh_every) == (algorithm, reversal, refresh)
+    assert spec.uses_cache == (reversal == "cached") == spec.starts_from_prior
+    assert spec.config.obs_dim == 28 and spec.config.chunk_dim == 5 * spec.config.h
+    if algorithm == "rql":
+        assert spec.config.reversal == ("cached" if reversal == "cached" else "online")
+        assert spec.config.reversal_method == params.agent.reversal_method
+
+
+def test_the_task_preset_fills_the_null_agent_settings(params):
+    scene = run_spec(params, "rql", SCENE, obs_dim=40, action_dim=5).config
+    assert (scene.alpha, scene.expectile, scene.rho, scene.h) == (3.0, 0.7, 0.5, 5)  # the reference's scene-play
+    assert run_spec(params, "fql", SCENE, obs_dim=40, action_dim=5).config.alpha == params.fql.alpha
+
+
+def test_an_unknown_agent_is_refused(params):
+    assert "iql" not in AGENT_NAMES
+    with pytest.raises(ValueError, match="unknown agent 'iql'"):
+        run_spec(params, "iql", CUBE, obs_dim=28, action_dim=5)
+
+
+def test_a_policy_export_metadata_rebuilds_the_config(params):
+    import dataclasses
+
+    spec = run_spec(params, "fql", CUBE, obs_dim=28, action_dim=5)
+    metadata = {"algorithm": "fql", "config": dataclasses.asdict(spec.config)}
+    assert config_from_metadata(metadata) == ("fql", spec.config)
+    with pytest.raises(ValueError, match="unknown algorithm 'sac'"):
+        config_from_metadata({"algorithm": "sac", "config": {}})
