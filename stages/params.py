@@ -386,6 +386,7 @@ class TrainParams(_Section):
     checkpoint_every: PositiveInt
     eval_every: NonNegativeInt
     eval_episodes: PositiveInt
+    dataset_swap_every: PositiveInt  # multi-file (100M) datasets: the next 1M-transition file every N steps
     device: Literal["auto", "cpu", "gpu"]
 
 
@@ -504,7 +505,7 @@ def consistency_errors(params: Params) -> list[str]:
             f"prior.steps: must be a multiple of train.updates_per_call={train.updates_per_call} "
             f"(got {params.prior.steps})"
         )
-    for key in ("steps", "log_every", "checkpoint_every", "eval_every", "refresh_every"):
+    for key in ("steps", "log_every", "checkpoint_every", "eval_every", "refresh_every", "dataset_swap_every"):
         value = getattr(train, key)
         if value % train.updates_per_call:
             errors.append(

@@ -1,7 +1,13 @@
-"""The training data of a task, as the prior, reverse and train stages read it from ``data/datasets``."""
+"""The training data of a task, as the prior, reverse and train stages read it from ``data/datasets``.
+
+A 1M dataset is one file. A 100M dataset (``*-100m-v0``) is a folder of 1M-transition files: training streams it
+file by file (one file on the device at a time, the next one every ``train.dataset_swap_every`` steps, as the
+reference does); the prior and the reversal cache use its first file.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +43,31 @@ class TaskData:
         return int(self.arrays["observations"].shape[0])
 
 
-def load_task_data(params: Params, task: str, dataset_dir: Path = layout.DATASETS) -> TaskData:
-    """Load ``task``'s training split with OGBench's singletask relabelling (and sparse rewards where configured)."""
-    dataset = dataset_for_task(task)
-    pairs = ogbench_data.dataset_files(dataset_dir, dataset)
-    if len(pairs) != 1:
-        raise ogbench_data.DatasetFileError(
-            f"{dataset_dir / dataset}: {dataset} is a {len(pairs)}-file dataset; training streams only 1M datasets "
-            "so far (use the first file by copying it to "
-            f"{dataset_dir / (dataset + '.npz')} or pick a 1M dataset)"
-        )
-    train_path = pairs[0][0]
-    log.info("loading %s for %s", train_path, task)
-    arrays = ogbench_data.load_training_data(train_path, env_for_task(task), sparse=resolve_sparse(params, task))
-    return TaskData(task=task, arrays=arrays, path=train_path, sha256=ogbench_data.sha256_file(train_path))
+def training_files(task: str, dataset_dir: Path = layout.DATASETS) -> list[Path]:
+    """The training files of ``task``'s dataset, in order (one for a 1M dataset)."""
+    return [train for train, _ in ogbench_data.dataset_files(dataset_dir, dataset_for_task(task))]
+
+
+def load_task_data(params: Params, task: str, file_index: int = 0, dataset_dir: Path = layout.DATASETS,
+                   env=None) -> TaskData:
+    """Load one training file of ``task`` with OGBench's singletask relabelling (and sparse rewards where configured)."""
+    files = training_files(task, dataset_dir)
+    path = files[file_index % len(files)]
+    log.info("loading %s for %s", path, task)
+    arrays = ogbench_data.load_training_data(path, env_for_task(task), sparse=resolve_sparse(params, task), env=env)
+    return TaskData(task=task, arrays=arrays, path=path, sha256=ogbench_data.sha256_file(path))
+
+
+def dataset_fingerprint(task: str, dataset_dir: Path = layout.DATASETS) -> str:
+    """sha256 over the sha256s of all of ``task``'s training files (hashing each file once; fine for 1M datasets,
+    a few minutes for 100M ones, where the download manifest's recorded hashes are used instead)."""
+    import json
+
+    manifest = dataset_dir / "manifest.json"
+    files = training_files(task, dataset_dir)
+    recorded = {}
+    if manifest.is_file():
+        entry = json.loads(manifest.read_text()).get("datasets", {}).get(dataset_for_task(task), {})
+        recorded = {name: info.get("sha256") for name, info in entry.get("files", {}).items()}
+    digests = [recorded.get(path.name) or ogbench_data.sha256_file(path) for path in files]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest() if len(files) > 1 else digests[0]

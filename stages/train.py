@@ -62,14 +62,20 @@ def main(argv: list[str]) -> None:
     from stages import reversal_cache
     from stages.agent_setup import make_policy, run_spec
     from stages.core import batches, checkpoints, rollout, training_loop
-    from stages.task_data import load_task_data
+    from stages.core.ogbench_data import make_task_env
+    from stages.task_data import dataset_fingerprint, load_task_data, training_files
 
+    t = params.train
+    files = training_files(args.task)
     data = load_task_data(params, args.task)
     spec = run_spec(params, args.agent, args.task, data.obs_dim, data.action_dim)
     config, module = spec.config, spec.module
+    streaming = len(files) > 1 and not spec.uses_cache  # cached runs train on the file the cache was built from
     log.info("run %s on %s, seed %d, %s: %s", args.agent, args.task, args.seed, platform, config)
+    if streaming:
+        log.info("%d dataset files: the next one every %d steps", len(files), t.dataset_swap_every)
 
-    inputs = {"dataset": data.sha256}
+    inputs = {"dataset": dataset_fingerprint(args.task) if streaming else data.sha256}
     cache = prior = cache_summary = None
     if spec.uses_cache:
         prior = reversal_cache.load_prior(args.task, config)
@@ -82,10 +88,10 @@ def main(argv: list[str]) -> None:
     if spec.starts_from_prior:
         state = reversal_cache.start_from_prior(state, prior)
 
-    t = params.train
     schedule = training_loop.Schedule(
         total_steps=t.steps, updates_per_call=t.updates_per_call, log_every=t.log_every,
         checkpoint_every=t.checkpoint_every, eval_every=t.eval_every, refresh_every=spec.refresh_every,
+        swap_every=t.dataset_swap_every if streaming else 0,
     )
     identity = {"agent": args.agent, "task": args.task, "seed": args.seed, "config": dataclasses.asdict(config),
                 "schedule": dataclasses.asdict(schedule), "inputs": inputs}
@@ -106,6 +112,16 @@ def main(argv: list[str]) -> None:
         start_step = resumed or 0
         if resumed:
             log.info("resuming from the checkpoint at step %d", resumed)
+        task_env = make_task_env(env_for_task(args.task)) if streaming else None
+
+        def swap(step: int, data_now):
+            """The dataset file of the ``dataset_swap_every`` period that ``step`` starts."""
+            index = (step // t.dataset_swap_every) % len(files)
+            loaded = load_task_data(params, args.task, file_index=index, env=task_env)
+            return batches.to_device(loaded.arrays)
+
+        if streaming and start_step:
+            device_data = swap(start_step, device_data)
         live = Live(str(out / "live"), resume=bool(resumed), dvcyaml=None, save_dvc_exp=False, report=None)
         drift = reversal_cache.drift_probe(config, device_data, DRIFT_ROWS, DRIFT_TOLERANCE) if spec.uses_cache else None
         evaluator = rollout.Evaluator(env_for_task(args.task), num_envs=params.evaluate.envs,
@@ -136,7 +152,8 @@ def main(argv: list[str]) -> None:
             state = training_loop.run(
                 state, device_data, update, schedule, start_step=start_step, checkpointer=checkpointer,
                 on_metrics=on_metrics, on_eval=on_eval if evaluator else None, eval_at_end=False,
-                refresh=refresh if spec.refresh_every else None, progress=not args.no_progress,
+                refresh=refresh if spec.refresh_every else None, swap=swap if streaming else None,
+                progress=not args.no_progress,
                 description=f"{args.agent} {args.task} s{args.seed}",
             )
         finally:

@@ -124,3 +124,16 @@ def test_refresh_runs_on_its_boundaries_and_again_when_resuming_there():
     training_loop.run({"step": jnp.int32(8)}, {"poison": jnp.int32(100)}, counting_update, schedule,
                       start_step=8, refresh=refresh, progress=False)
     assert refreshed == [8]  # the resumed run rebuilds the cache the interrupted one had built at step 8
+
+
+def test_multi_file_data_is_swapped_on_its_boundaries():
+    swapped = []
+
+    def swap(step, data):
+        swapped.append(step)
+        return {"poison": data["poison"] + 0}
+
+    schedule = Schedule(total_steps=12, updates_per_call=2, log_every=2, checkpoint_every=12, swap_every=4)
+    training_loop.run({"step": jnp.int32(0)}, {"poison": jnp.int32(100)}, counting_update, schedule, swap=swap,
+                      progress=False)
+    assert swapped == [4, 8]

@@ -35,11 +35,12 @@ class Schedule:
     checkpoint_every: int
     eval_every: int = 0
     refresh_every: int = 0
+    swap_every: int = 0
 
     def __post_init__(self) -> None:
         if self.total_steps < 1 or self.updates_per_call < 1:
             raise ValueError(f"total_steps and updates_per_call must be >= 1, got {self}")
-        for name in ("total_steps", "log_every", "checkpoint_every", "eval_every", "refresh_every"):
+        for name in ("total_steps", "log_every", "checkpoint_every", "eval_every", "refresh_every", "swap_every"):
             value = getattr(self, name)
             if value < 0 or value % self.updates_per_call:
                 raise ValueError(
@@ -93,6 +94,7 @@ def run(
     on_eval: Callable[[int, Any], None] | None = None,
     eval_at_end: bool = True,
     refresh: Callable[[Any, Any], Any] | None = None,
+    swap: Callable[[int, Any], Any] | None = None,
     progress: bool = True,
     description: str = "train",
 ) -> Any:
@@ -102,7 +104,9 @@ def run(
     every ``refresh_every`` boundary and once at the start of a resumed run (so the cache matches the restored
     actor exactly as in the uninterrupted run). ``on_metrics(step, means, state, data)`` gets the mean metrics of
     the calls since the previous boundary. ``on_eval(step, state)`` runs at ``eval_every`` boundaries and, with
-    ``eval_at_end``, after the last step. The final state is always checkpointed.
+    ``eval_at_end``, after the last step. ``swap(step, data) -> data`` replaces the data (the next file of a
+    multi-file dataset) at every ``swap_every`` boundary; a resumed run must start with the file of its start step.
+    The final state is always checkpointed.
     """
     if start_step % schedule.updates_per_call or start_step > schedule.total_steps:
         raise ValueError(f"start_step {start_step} is not a call boundary of {schedule}")
@@ -142,6 +146,10 @@ def run(
                 flush()
                 on_eval(step, state)
                 clock = time.perf_counter()  # evaluation time is not training time
+            if swap is not None and not final and schedule.due(step, schedule.swap_every):
+                flush()
+                data = swap(step, data)
+                clock = time.perf_counter()
             if refresh is not None and not final and schedule.due(step, schedule.refresh_every):
                 flush()
                 data = refresh(state, data)
