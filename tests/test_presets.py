@@ -1,0 +1,29 @@
+"""The shipped params files are valid and say what they promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.params import PRESETS, load_params, preset_for_task, resolve_agent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_default_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.tasks == ["cube-single-play-singletask-task2-v0"]
+    assert set(params.agents.runs) == {"rql", "rql_cached", "rql_refresh", "fql", "bc_flow"}
+
+
+def test_the_paper_preset_covers_the_papers_50_tasks_with_its_sizes_and_settings():
+    params = load_params(ROOT / "stages" / "presets" / "paper.yaml")
+    assert len(params.tasks) == 50 and params.seeds == [0, 1, 2, 3]
+    assert params.networks.actor == params.networks.critic == [512] * 4 and params.networks.ensemble == 10
+    assert params.train.steps == 1_000_000 and params.train.eval_every == 100_000
+    assert params.evaluate.episodes == params.train.eval_episodes == 50
+    environments = {preset_for_task(task)[0] for task in params.tasks}
+    assert environments == set(PRESETS)  # every per-environment setting of the reference is used
+    scene = resolve_agent(params, "scene-play-singletask-task1-v0")
+    assert (scene.alpha, scene.expectile, scene.rho, scene.h, scene.sparse) == (3.0, 0.7, 0.5, 5, True)
+    giant = resolve_agent(params, "antmaze-giant-navigate-singletask-task3-v0")
+    assert (giant.alpha, giant.h, giant.discount) == (0.1, 1, 0.995)
