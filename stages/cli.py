@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("stages")
 
@@ -32,6 +34,29 @@ def select_device(device: str) -> str:
             "(`make setup EXTRAS=cuda`) or set train.device: auto"
         )
     return platform
+
+
+def stage_args(module: str, doc: str, argv: list[str], *, per_run: bool):
+    """Parse a stage's arguments (``--task``, with ``per_run`` also ``--agent`` and ``--seed``), load the params
+    and check that the task (and run) is configured. Returns ``(args, params)``."""
+    from stages.params import load_params
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().split("\n")[0])
+    if per_run:
+        parser.add_argument("--agent", required=True)
+    parser.add_argument("--task", required=True)
+    if per_run:
+        parser.add_argument("--seed", required=True, type=int)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if args.task not in params.tasks:
+        raise ValueError(f"task {args.task!r} is not in params.yaml tasks {params.tasks}")
+    if per_run and (args.agent not in params.agents.runs or args.seed not in params.seeds):
+        raise ValueError(f"run ({args.agent}, seed {args.seed}) is not in params.yaml "
+                         f"(agents {params.agents.runs}, seeds {params.seeds})")
+    return args, params
 
 
 def write_json(path: Path, payload: Any) -> None:

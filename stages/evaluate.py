@@ -8,11 +8,10 @@ policy call per chunk; success rate with its Wilson 95% interval, returns and le
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from stages import cli, layout
-from stages.params import env_for_task, load_params
+from stages.params import env_for_task
 
 log = logging.getLogger("stages.evaluate")
 EVAL_SEED = 1_000_000  # evaluation episodes are seeded apart from training (train-time evaluation uses the same)
@@ -20,14 +19,7 @@ GIF_FRAME_SKIP = 2
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--agent", required=True)
-    parser.add_argument("--task", required=True)
-    parser.add_argument("--seed", required=True, type=int)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+    args, params = cli.stage_args("stages.evaluate", __doc__, argv, per_run=True)
     cli.select_device(params.train.device)
 
     from stages.agent_setup import config_from_metadata, make_policy

@@ -342,7 +342,7 @@ class AgentsParams(_Section):
         return [*self.rql, *self.rql_cached, *self.fql, *self.bc_flow]
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> "AgentsParams":
+    def _at_least_one(self) -> AgentsParams:
         if not self.runs:
             raise ValueError("no agent to train: every group is empty")
         return self

@@ -9,25 +9,16 @@ error. Same dataset + prior + params give byte-identical shards, so teammates sh
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
 from stages import cli, layout
-from stages.params import load_params
 
 log = logging.getLogger("stages.reverse")
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.reverse", description=__doc__.split("\n")[0])
-    parser.add_argument("--task", required=True)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    if args.task not in params.tasks:
-        raise ValueError(f"task {args.task!r} is not in params.yaml tasks {params.tasks}")
+    args, params = cli.stage_args("stages.reverse", __doc__, argv, per_run=False)
     platform = cli.select_device(params.train.device)
 
     from stages import reversal_cache

@@ -9,18 +9,16 @@ uninterrupted run. The fingerprint covers everything the run depends on, so chan
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import time
-from pathlib import Path
 
 from stages import cli, layout
 from stages.evaluate import EVAL_SEED
-from stages.params import Params, env_for_task, load_params
+from stages.params import env_for_task
 
 log = logging.getLogger("stages.train")
 DRIFT_TOLERANCE = 1e-2  # a cached row counts as stale when the current actor maps its x_0 this far from the chunk
@@ -31,28 +29,10 @@ def fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--agent", required=True)
-    parser.add_argument("--task", required=True)
-    parser.add_argument("--seed", required=True, type=int)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
-
-
-def check_run_is_configured(params: Params, agent: str, task: str, seed: int) -> None:
-    if agent not in params.agents.runs or task not in params.tasks or seed not in params.seeds:
-        raise ValueError(
-            f"run ({agent}, {task}, seed {seed}) is not in params.yaml "
-            f"(agents {params.agents.runs}, tasks {params.tasks}, seeds {params.seeds})"
-        )
 
 
 def main(argv: list[str]) -> None:
-    args = parse_args(argv)
-    params = load_params(args.params)
-    check_run_is_configured(params, args.agent, args.task, args.seed)
+    args, params = cli.stage_args("stages.train", __doc__, argv, per_run=True)
     platform = cli.select_device(params.train.device)
 
     import jax

@@ -59,7 +59,7 @@ def test_drift_is_zero_for_the_actor_the_cache_came_from_and_grows_for_another()
     other = jax.device_get(cache_build.drift(CONFIG, actor(1), cached, rows, 1e-3))
     assert other["cache_drift_mean"] > 1e-2 and other["cache_stale_fraction"] > 0.5
     # the drift measures exactly the sampler's miss from the cached noise
-    velocity = lambda s, x, t: make_actor(CONFIG).apply({"params": actor(1)}, s, x, t)  # noqa: E731
+    velocity = lambda s, x, t: make_actor(CONFIG).apply({"params": actor(1)}, s, x, t)
     chunk = batches.chunks_at(data, rows, CONFIG.h, 1.0)
     miss = flows.roundtrip_error(velocity, chunk["observations"], table[:, 0], chunk["actions"], CONFIG.flow_steps)
     np.testing.assert_allclose(other["cache_drift_mean"], float(jnp.mean(miss)), rtol=1e-5)

@@ -8,8 +8,8 @@ functions take a flow config (anything with ``obs_dim``, ``action_dim``, ``h``, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
@@ -17,7 +17,7 @@ TABLES = {"rql": "rql_paper_per_task.csv", "fql": "fql_per_task.csv"}
 _TASK = re.compile(r"^(?P<stem>.+)-singletask-task(?P<number>[1-5])-v0$")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _table(agent: str) -> dict[tuple[str, int], float]:
     path = REFERENCE_DIR / TABLES[agent]
     table: dict[tuple[str, int], float] = {}

@@ -13,8 +13,9 @@ schedule is a pure function of the step, and a refreshed reversal cache is rebui
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import jax
 import numpy as np
