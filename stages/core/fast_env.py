@@ -64,7 +64,7 @@ Quat = tuple[float, float, float, float]
 
 def clip(x: float, lo: float, hi: float) -> float:
     """``np.clip`` of one float: ``lo`` below, ``hi`` above, else ``x`` itself (a signed zero or NaN stays as it is)."""
-    return lo if x < lo else hi if x > hi else x
+    return lo if x < lo else min(x, hi)
 
 
 def yaw_of(wxyz) -> float:
@@ -160,6 +160,43 @@ def _time_limit(env) -> int | None:
             return env._max_episode_steps
         env = env.env
     return None
+
+
+def _mjcf_objects(value: Any, found: dict, depth: int = 0) -> None:
+    """Collect the dm_control MJCF elements in ``value`` (and lists/tuples/dicts of them, a few levels deep)."""
+    from dm_control.mjcf import element
+
+    if isinstance(value, element._ElementImpl):
+        found[id(value)] = value
+    elif depth < 4 and isinstance(value, (list, tuple, set)):
+        for item in value:
+            _mjcf_objects(item, found, depth + 1)
+    elif depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            _mjcf_objects(item, found, depth + 1)
+
+
+def clone_env(env):
+    """A copy of an OGBench manipulation env made by ``gymnasium.make``, in ~0.2 s instead of ~1.3 s.
+
+    Making one builds the MJCF tree with dm_control and compiles two MuJoCo models from XML; a clone deep-copies
+    the compiled ``MjModel``/``MjData`` (its own, so per-env colour and damping changes stay per env) and everything
+    else, and shares only the MJCF elements, which OGBench reads but never changes after compiling (dm_control cannot
+    copy them anyway). Only for envs not rendered yet (a GL context cannot be copied).
+
+    Raises:
+        ValueError: not an OGBench state-based cube/scene/puzzle env, or already rendered.
+    """
+    import copy
+
+    unwrapped = env.unwrapped
+    if _manipspace_kind(unwrapped) is None:
+        raise ValueError(f"clone_env copies OGBench cube/scene/puzzle envs, not {type(unwrapped).__name__}")
+    if unwrapped._renderer is not None or unwrapped._passive_viewer_handle is not None:
+        raise ValueError("clone_env needs an env that has not rendered yet (a GL context cannot be copied)")
+    shared: dict = {}
+    _mjcf_objects(list(vars(unwrapped).values()), shared)
+    return copy.deepcopy(env, shared)
 
 
 def make_stepper(env, fast: bool = True) -> PlainStepper | ManipStepper:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 import os
 import socket
@@ -143,8 +144,10 @@ class EvalSummary:
     """Aggregate over the episodes of one evaluation.
 
     ``success_ci95`` is the Wilson score 95% interval of the success rate. ``policy_calls`` counts batched calls;
-    ``wall_time_s`` is the rollout time and ``setup_time_s`` the time spent making environments and starting workers
-    before it (0 when an :class:`Evaluator` reuses them).
+    ``wall_time_s`` is the rollout time, ``policy_time_s`` the part of it spent in the policy (its calls and output
+    checks); ``setup_time_s`` is the time spent making environments and starting workers before it (0 when an
+    :class:`Evaluator` reuses them) and ``warm_up_time_s`` that of the warm-up policy call (overlapping the workers'
+    start-up; 0 without one).
     """
 
     episodes: int
@@ -159,6 +162,8 @@ class EvalSummary:
     setup_time_s: float
     env_steps_per_s: float
     episodes_per_s: float
+    policy_time_s: float = 0.0
+    warm_up_time_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,12 @@ class EvalResult:
 
 
 def summarize(
-    episodes: Sequence[EpisodeResult], wall_time_s: float, policy_calls: int, setup_time_s: float = 0.0
+    episodes: Sequence[EpisodeResult],
+    wall_time_s: float,
+    policy_calls: int,
+    setup_time_s: float = 0.0,
+    policy_time_s: float = 0.0,
+    warm_up_time_s: float = 0.0,
 ) -> EvalSummary:
     """Summary statistics of finished episodes (success rate with its Wilson 95% interval, means, throughput)."""
     if not episodes:
@@ -200,6 +210,8 @@ def summarize(
         setup_time_s=float(setup_time_s),
         env_steps_per_s=steps / wall,
         episodes_per_s=n / wall,
+        policy_time_s=float(policy_time_s),
+        warm_up_time_s=float(warm_up_time_s),
     )
 
 
@@ -216,6 +228,21 @@ def _make_env(env_id: str, render_size: tuple[int, int], env_kwargs: dict):
     return gymnasium.make(env_id, width=width, height=height, **env_kwargs)
 
 
+def _make_envs(env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict) -> list:
+    """``count`` envs: the first made by gymnasium, the others cloned from it when it is an OGBench manipulation env
+    (:func:`stages.core.fast_env.clone_env`: ~0.2 s instead of ~1.3 s each), else made too."""
+    from stages.core.fast_env import clone_env
+
+    first = _make_env(env_id, render_size, env_kwargs)
+    envs = [first]
+    for _ in range(count - 1):
+        try:
+            envs.append(clone_env(first))
+        except (ValueError, NotImplementedError, TypeError):  # not clonable: make it (same env, slower)
+            envs.append(_make_env(env_id, render_size, env_kwargs))
+    return envs
+
+
 class _EnvGroup:
     """Environments that run one episode each at a time; stepped a whole chunk per command.
 
@@ -229,7 +256,7 @@ class _EnvGroup:
     ):
         from stages.core.fast_env import make_stepper
 
-        self.envs = [_make_env(env_id, render_size, env_kwargs) for _ in range(count)]
+        self.envs = _make_envs(env_id, count, render_size, env_kwargs)
         self.steppers = [make_stepper(env, fast=fast_env) for env in self.envs]
         self.steps = [0] * count
         self.limit = [0] * count
@@ -369,7 +396,12 @@ def _stop_workers(conns: list[Connection], procs: list[subprocess.Popen]) -> Non
 
 
 class _Backend:
-    """Environment groups: group 0 in this process, groups 1.. in worker processes, stepped concurrently."""
+    """Environment groups: group 0 in this process, groups 1.. in worker processes, stepped concurrently.
+
+    Workers are started first and build their environments while this process builds its own; their readiness is
+    only awaited by :meth:`wait_ready` (called by the first command), so the caller can do other start-up work --
+    compile its policy -- meanwhile.
+    """
 
     def __init__(
         self, env_id: str, counts: list[int], render_size: tuple[int, int], env_kwargs: dict, fast_env: bool
@@ -385,10 +417,21 @@ class _Backend:
                 self.procs.append(proc)
             self.local = _EnvGroup(env_id, counts[0], render_size, env_kwargs, fast_env)
             self._spaces = self.local.spaces()
-            for w in range(1, len(counts)):
-                self._receive(w)
         except BaseException:
             self.close()
+            raise
+        self._pending = list(range(1, len(counts)))
+
+    def wait_ready(self) -> None:
+        """Wait until every worker has built its environments (raising a worker's start-up error)."""
+        try:
+            while self._pending:
+                spaces = self._receive(self._pending[0])
+                if spaces != self._spaces:
+                    raise RuntimeError(f"rollout worker envs differ from this process's: {spaces} != {self._spaces}")
+                self._pending.pop(0)
+        except BaseException:
+            self.broken = True
             raise
 
     def _receive(self, worker: int):
@@ -415,6 +458,7 @@ class _Backend:
         """
         if self.broken:
             raise RuntimeError("an earlier environment step failed; close this Evaluator and make a new one")
+        self.wait_ready()
         try:
             busy = [w for w in range(1, len(per_worker)) if per_worker[w]]
             for w in busy:
@@ -442,8 +486,30 @@ class _Backend:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _key_functions():
+    """Jitted key derivations, made once per process (a new jit wrapper per evaluation would recompile)."""
+    import jax
+
+    def fold_rows(base, episodes, queries):
+        return jax.vmap(lambda e, q: jax.random.fold_in(jax.random.fold_in(base, e), q))(episodes, queries)
+
+    def fold_calls(base, first, count: int):
+        return jax.vmap(lambda i: jax.random.fold_in(base, i))(first + jnp.arange(count, dtype=jnp.uint32))
+
+    import jax.numpy as jnp
+
+    return jax.jit(fold_calls, static_argnums=2), jax.jit(fold_rows)
+
+
 class _Keys:
-    """Deterministic PRNG keys for policy calls (raw uint32 ``jax.random.PRNGKey``-style keys)."""
+    """Deterministic PRNG keys for policy calls (raw uint32 ``jax.random.PRNGKey``-style keys).
+
+    'call' keys are ``fold_in(base, call_index)``, derived in blocks of :attr:`BLOCK` calls by one vmapped call and
+    handed out as numpy arrays (one device round trip per block instead of one jitted dispatch per policy call).
+    """
+
+    BLOCK = 256
 
     def __init__(self, seed: int, mode: KeyMode, batch_size: int):
         import jax
@@ -453,21 +519,22 @@ class _Keys:
         self.mode = mode
         self.base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x5EED)
         self.batch_size = batch_size
-        self._fold = jax.jit(jax.random.fold_in)
-        self._rows = jax.jit(
-            jax.vmap(
-                lambda base, e, q: jax.random.fold_in(jax.random.fold_in(base, e), q), in_axes=(None, 0, 0)
-            )
-        )
+        self._fold_calls, self._fold_rows = _key_functions()
+        self._block_start: int | None = None
+        self._block: np.ndarray | None = None
 
     def __call__(self, call_index: int, episodes: np.ndarray, queries: np.ndarray):
         """The key for batched call ``call_index``; rows are (episode, query-within-episode) pairs in 'row' mode."""
         if self.mode == "call":
-            return self._fold(self.base, np.uint32(call_index))
+            start = call_index - call_index % self.BLOCK
+            if self._block_start != start:
+                self._block = np.asarray(self._fold_calls(self.base, np.uint32(start), self.BLOCK))
+                self._block_start = start
+            return self._block[call_index - start].copy()
         e = np.zeros(self.batch_size, np.uint32)
         q = np.zeros(self.batch_size, np.uint32)
         e[: len(episodes)], q[: len(queries)] = episodes, queries
-        return self._rows(self.base, e, q)
+        return self._fold_rows(self.base, e, q)
 
 
 def check_actions(
@@ -606,6 +673,7 @@ class Evaluator:
         video_episodes: int = 0,
         frame_skip: int = 3,
         progress: bool = False,
+        warm_up: bool = False,
     ) -> EvalResult:
         """Run ``episodes`` episodes of ``policy`` and summarize them.
 
@@ -625,6 +693,9 @@ class Evaluator:
             video_episodes: render the first k episodes (by index) into ``EvalResult.videos``.
             frame_skip: keep every ``frame_skip``-th frame of a rendered episode (and its first and last).
             progress: show a tqdm progress bar over finished episodes.
+            warm_up: first call the policy once on a zero batch (output discarded) before waiting for the worker
+                processes, so that compiling a jitted policy overlaps their start-up (for the first run of a fresh
+                Evaluator). The policy sees one call more than ``policy_calls``.
         """
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
@@ -652,17 +723,26 @@ class Evaluator:
         if not callable(policy):
             raise TypeError(f"policy must be callable, got {type(policy).__name__}")
 
-        setup_time, self._setup_time = self._setup_time, 0.0
-        start = time.perf_counter()
         keys = _Keys(int(seed), key_mode, batch_size)
+        obs_dtype = np.float32 if np.issubdtype(self.obs_dtype, np.floating) else self.obs_dtype
+        batch = np.zeros((batch_size, *self.obs_shape), dtype=obs_dtype)
+        warm_up_time = 0.0
+        if warm_up:
+            begin = time.perf_counter()
+            policy(batch.copy(), keys(0, np.zeros(0, np.uint32), np.zeros(0, np.uint32)))
+            warm_up_time = time.perf_counter() - begin
+        begin = time.perf_counter()
+        self._backend.wait_ready()
+        setup_time = self._setup_time + time.perf_counter() - begin
+        self._setup_time = 0.0
+        start = time.perf_counter()
+        policy_time = 0.0
         slots = [_Slot() for _ in range(self.num_envs)]
         results: dict[int, EpisodeResult] = {}
         videos: dict[int, np.ndarray] = {}
         next_episode = 0
         calls = 0
         horizon: int | None = None
-        obs_dtype = np.float32 if np.issubdtype(self.obs_dtype, np.floating) else self.obs_dtype
-        batch = np.zeros((batch_size, *self.obs_shape), dtype=obs_dtype)
         bar = _progress_bar(episodes, self.env_id) if progress else None
 
         def start_episodes(free: list[int]) -> None:
@@ -694,8 +774,10 @@ class Evaluator:
                     np.array([slots[s].episode for s in live], np.uint32),
                     np.array([slots[s].queries for s in live], np.uint32),
                 )
+                begin = time.perf_counter()
                 actions = policy(batch.copy(), key)  # a fresh array: the policy may keep or alias its input
                 chunks = check_actions(actions, batch_size, self.action_dim, len(live), horizon)
+                policy_time += time.perf_counter() - begin
                 horizon = chunks.shape[1]
                 calls += 1
                 outcome = self._dispatch("run", [(s, chunks[row]) for row, s in enumerate(live)])
@@ -725,7 +807,8 @@ class Evaluator:
                 bar.close()
         wall = time.perf_counter() - start
         ordered = tuple(results[j] for j in range(episodes))
-        return EvalResult(self.env_id, summarize(ordered, wall, calls, setup_time), ordered, videos)
+        summary = summarize(ordered, wall, calls, setup_time, policy_time, warm_up_time)
+        return EvalResult(self.env_id, summary, ordered, videos)
 
     def close(self) -> None:
         """Close the environments and stop the worker processes."""
@@ -767,16 +850,25 @@ def evaluate(
     render_size: tuple[int, int] = (200, 200),
     env_kwargs: dict | None = None,
     progress: bool = False,
+    warm_up: bool = True,
+    fast_env: bool = True,
 ) -> EvalResult:
     """Evaluate ``policy`` for ``episodes`` episodes in a fresh :class:`Evaluator`; see :meth:`Evaluator.run`.
 
-    ``num_envs`` defaults to ``2 * workers``, but no more than ``episodes`` (and no fewer than ``workers``).
+    ``num_envs`` defaults to ``2 * workers``, but no more than ``episodes`` (and no fewer than ``workers``). With
+    ``warm_up`` (the default here) the policy is called once on zeros while the worker processes start, so a jitted
+    policy compiles meanwhile.
     """
     _check_positive("episodes", episodes)
     if num_envs is None and isinstance(workers, int) and workers >= 1:
         num_envs = max(workers, min(episodes, 2 * workers))
     with Evaluator(
-        env_name, num_envs=num_envs, workers=workers, render_size=render_size, env_kwargs=env_kwargs
+        env_name,
+        num_envs=num_envs,
+        workers=workers,
+        render_size=render_size,
+        env_kwargs=env_kwargs,
+        fast_env=fast_env,
     ) as evaluator:
         return evaluator.run(
             policy,
@@ -788,4 +880,5 @@ def evaluate(
             video_episodes=video_episodes,
             frame_skip=frame_skip,
             progress=progress,
+            warm_up=warm_up,
         )
