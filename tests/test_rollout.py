@@ -16,6 +16,7 @@ from stages.core.fast_env import (
     PlainStepper,
     Step,
     clip,
+    clone_env,
     make_stepper,
     quat_apply,
     quat_from_z,
@@ -24,6 +25,7 @@ from stages.core.fast_env import (
 )
 from stages.core.rollout import (
     Evaluator,
+    _Keys,
     episode_seed,
     evaluate,
     resolve_env_id,
@@ -224,7 +226,11 @@ def side_by_side(plain: PlainStepper, fast: ManipStepper, seed: int, act) -> lis
 
 
 def test_fast_cube_steps_are_bitwise_the_gymnasium_env(plain_env):
-    fast = make_stepper(gymnasium.make(ENV_ID))
+    # the fast stepper runs a clone of the plain env (as the Evaluator's extra envs are): both must match it
+    clone = clone_env(plain_env)
+    assert clone.unwrapped._model is not plain_env.unwrapped._model
+    assert clone.unwrapped._ik._data is not plain_env.unwrapped._ik._data
+    fast = make_stepper(clone)
     assert isinstance(fast, ManipStepper) and fast.time_limit == 200
     plain = PlainStepper(plain_env)
     with pytest.raises(RuntimeError, match="before reset"):
@@ -234,9 +240,9 @@ def test_fast_cube_steps_are_bitwise_the_gymnasium_env(plain_env):
         steps = side_by_side(plain, fast, seed, lambda ob: oracle_action(ob.astype(np.float64)))
         assert steps[-1].terminated and steps[-1].success and not steps[-1].truncated and len(steps) < 100
         assert [s.reward for s in steps] == [-1.0] * (len(steps) - 1) + [0.0]
-    # random actions (out-of-range ones included: the env clips them in its controller) until the time limit
+    # random float32 actions (out-of-range ones included: the controller clips them) until the time limit
     rng = np.random.default_rng(0)
-    steps = side_by_side(plain, fast, 2, lambda ob: rng.uniform(-1.5, 1.5, 5))
+    steps = side_by_side(plain, fast, 2, lambda ob: rng.uniform(-1.5, 1.5, 5).astype(np.float32))
     assert len(steps) == 200 and steps[-1].truncated and not any(s.terminated or s.success for s in steps)
 
 
@@ -296,6 +302,27 @@ def test_scalar_helpers_match_ogbench_lie_bitwise():
         assert np.float64(clip(x, 0.0, 1.0)).tobytes() == np.clip(np.array([x]), 0, 1)[0].tobytes()
 
 
+def test_call_keys_are_fold_ins_of_the_call_index_across_blocks():
+    base = jax.random.fold_in(jax.random.PRNGKey(9), 0x5EED)
+    keys = _Keys(9, "call", 4)
+    for call in (0, 1, _Keys.BLOCK - 1, _Keys.BLOCK, 3 * _Keys.BLOCK + 7, 2):
+        key = keys(call, np.zeros(0, np.uint32), np.zeros(0, np.uint32))
+        assert key.dtype == np.uint32 and np.array_equal(key, np.asarray(jax.random.fold_in(base, call)))
+
+
+def test_warm_up_calls_the_policy_once_on_zeros_first(local):
+    seen = []
+
+    def policy(obs, key):
+        seen.append(obs.copy())
+        return np.zeros((2, 3, 5), np.float32)
+
+    result = local.run(policy, episodes=2, max_episode_steps=6, warm_up=True)
+    assert len(seen) == result.summary.policy_calls + 1 == 3
+    assert not seen[0].any() and seen[1].any()
+    assert result.summary.warm_up_time_s > 0 and 0 < result.summary.policy_time_s < result.summary.wall_time_s
+
+
 def test_other_envs_are_stepped_plainly():
     env = gymnasium.make("CartPole-v1")
     stepper = make_stepper(env)
@@ -304,6 +331,8 @@ def test_other_envs_are_stepped_plainly():
     assert isinstance(stepper.step(0), Step)
     with pytest.raises(ValueError, match="needs a state-based OGBench cube, scene or puzzle env"):
         ManipStepper(env)
+    with pytest.raises(ValueError, match="copies OGBench cube/scene/puzzle envs"):
+        clone_env(env)
     assert isinstance(make_stepper(gymnasium.make(ENV_ID), fast=False), PlainStepper)
 
 
