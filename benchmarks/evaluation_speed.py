@@ -111,19 +111,38 @@ def load_exported_policies(path: str, task: str):
     return one, batched, f"{algorithm} export {path}"
 
 
-def env_step_floor(env_id: str, steps: int = 300) -> float:
-    """Seconds per bare ``env.step`` (random actions, no policy): the cost no evaluation loop can avoid."""
-    env = gymnasium.make(env_id)
-    env.reset(seed=0)
-    actions = np.random.default_rng(0).uniform(-1, 1, (steps, *env.action_space.shape))
-    start = time.perf_counter()
-    for action in actions:
-        _, _, terminated, truncated, _ = env.step(action)
-        if terminated or truncated:
-            env.reset()
-    per_step = (time.perf_counter() - start) / steps
-    env.close()
-    return per_step
+def step_costs(env_id: str, steps: int = 400, seed: int = 0) -> dict[str, float]:
+    """Seconds per env step (random actions, no policy), three ways on the same actions:
+
+    ``plain``: ``gymnasium.make(env_id).step`` (what (a) pays); ``fast``: the rollout's stepper (what (b) pays per
+    step, see stages.core.fast_env); ``physics``: MuJoCo alone (``mj_step`` of the env's substeps and the contact
+    forces it reads), the floor no evaluation loop can go under.
+    """
+    import mujoco
+
+    from stages.core.fast_env import PlainStepper, make_stepper
+
+    actions = np.random.default_rng(seed).uniform(-1, 1, (steps, 5))
+    out = {}
+    for name, fast in (("plain", False), ("fast", True)):
+        env = gymnasium.make(env_id)
+        stepper = make_stepper(env, fast=fast) if fast else PlainStepper(env)
+        stepper.reset(seed)
+        start = time.perf_counter()
+        for action in actions:
+            result = stepper.step(action)
+            if result.terminated or result.truncated:
+                stepper.reset(seed)
+        out[name] = (time.perf_counter() - start) / steps
+        if name == "plain":
+            u = env.unwrapped
+            start = time.perf_counter()
+            for _ in range(steps):
+                mujoco.mj_step(u._model, u._data, nstep=u._n_steps)
+                mujoco.mj_rnePostConstraint(u._model, u._data)
+            out["physics"] = (time.perf_counter() - start) / steps
+        env.close()
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -227,6 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--policy", default=None, help="a trained policy.msgpack instead of the random flow policy"
     )
+    parser.add_argument("--plain-env", action="store_true", help="(b) steps the gymnasium env itself, no fast_env")
     parser.add_argument("--progress", action="store_true", help="tqdm progress bars")
     return parser.parse_args(argv)
 
@@ -246,11 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     size = "x".join(map(str, hidden))
     what = "" if args.policy else f"random flow policy {size} MLP, F={args.flow_steps}, h={args.horizon}; "
     platform = f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs"
-    print(f"{env_id}: {args.episodes} episodes, {what}{platform}")
+    print(f"{env_id}: {args.episodes} episodes, {what}{platform}; load average {_load()}")
 
     # (b) first (its workers start before anything else runs); both policies are compiled before timing.
     start = time.perf_counter()
-    evaluator = Evaluator(env_id, num_envs=args.num_envs, workers=args.workers)
+    evaluator = Evaluator(env_id, num_envs=args.num_envs, workers=args.workers, fast_env=not args.plain_env)
+    evaluator._backend.wait_ready()  # env setup measured apart from the rollout
     setup_b = time.perf_counter() - start
     with evaluator:
         obs_dim, action_dim = int(np.prod(evaluator.obs_shape)), evaluator.action_dim
@@ -274,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     ref = reference_way(env, sample_one, args.episodes, args.seed, args.progress)
     env.close()
 
-    floor = env_step_floor(env_id)
+    costs = step_costs(env_id)
     s = result.summary
     print(
         line(
@@ -287,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             setup_a,
         )
     )
+    fast = "fast env" if evaluator.fast_env else "plain env"
     print(
         line(
             f"(b) rollout {evaluator.num_envs}env/{evaluator.workers}w",
@@ -297,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             s.successes,
             setup_b,
         )
+        + f", {fast}, policy {s.policy_time_s:.2f} s"
     )
     print(
         f"speedup: {ref['wall'] / s.wall_time_s:.2f}x rollout time, "
@@ -304,10 +327,22 @@ def main(argv: list[str] | None = None) -> None:
         f"mean length {np.mean(ref['lengths']):.1f} vs {s.mean_length:.1f}"
     )
     ref_step = ref["wall"] / sum(ref["lengths"])
+    ours = s.wall_time_s / s.env_steps
     print(
-        f"bound: a bare env.step takes {floor * 1e3:.2f} ms here and (a) {ref_step * 1e3:.2f} ms per step, so with "
-        f"{evaluator.workers} busy cores (b) can be at most ~{ref_step / floor * evaluator.workers:.1f}x faster"
+        f"per env step: (a) {ref_step * 1e3:.3f} ms; env.step {costs['plain'] * 1e3:.3f} ms plain, "
+        f"{costs['fast'] * 1e3:.3f} ms fast, {costs['physics'] * 1e3:.3f} ms MuJoCo alone; "
+        f"(b) {ours * 1e3:.3f} ms of wall time ({ours * evaluator.workers * 1e3:.3f} ms x {evaluator.workers} cores)"
     )
+    print(
+        f"bound: {evaluator.workers} cores fully busy with fast steps cap (b) at "
+        f"{ref_step / costs['fast'] * evaluator.workers:.1f}x, with MuJoCo alone at "
+        f"{ref_step / costs['physics'] * evaluator.workers:.1f}x; load average {_load()}"
+    )
+
+
+def _load() -> str:
+    """The 1/5/15-minute load averages (other processes competing for the cores skew every figure here)."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":
