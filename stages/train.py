@@ -22,6 +22,7 @@ from stages.params import env_for_task
 
 log = logging.getLogger("stages.train")
 DRIFT_TOLERANCE = 1e-2  # a cached row counts as stale when the current actor maps its x_0 this far from the chunk
+TRAIN_EVAL_ENVS = 4  # environments stepped together by the evaluations during training
 DRIFT_ROWS = 1024  # rows of the cache the drift is measured on (a fixed random subset)
 
 
@@ -104,8 +105,11 @@ def main(argv: list[str]) -> None:
             device_data = swap(start_step, device_data)
         live = Live(str(out / "live"), resume=bool(resumed), dvcyaml=None, save_dvc_exp=False, report=None)
         drift = reversal_cache.drift_probe(config, device_data, DRIFT_ROWS, DRIFT_TOLERANCE) if spec.uses_cache else None
-        evaluator = rollout.Evaluator(env_for_task(args.task), num_envs=params.evaluate.envs,
-                                      workers=params.evaluate.workers) if t.eval_every else None
+        # A fixed env count: evaluation results depend on it (one policy key per batched call), and the train
+        # stages do not declare the evaluate section; the worker count does not change results.
+        workers = min(params.evaluate.workers, TRAIN_EVAL_ENVS)
+        evaluator = rollout.Evaluator(env_for_task(args.task), num_envs=min(TRAIN_EVAL_ENVS, t.eval_episodes),
+                                      workers=min(workers, t.eval_episodes)) if t.eval_every else None
 
         def on_metrics(step: int, metrics: dict[str, float], current, data_now) -> None:
             live.step = step
