@@ -28,6 +28,7 @@ from stages.core.rollout import (
     _Keys,
     episode_seed,
     evaluate,
+    pipeline_groups,
     resolve_env_id,
     wilson_interval,
 )
@@ -190,6 +191,26 @@ def test_same_results_for_any_num_envs_and_workers(local):
     assert len({e.length for e in across.episodes}) > 1, "noise should make episodes differ"
     other_seed = local.run(OraclePolicy(h=2, noise=0.3), **{**kwargs, "seed": 4})
     assert outcomes(other_seed) != outcomes(in_process)
+
+
+def test_pipeline_queries_half_the_envs_at_a_time_with_the_same_results(local):
+    kwargs = {"episodes": 4, "seed": 5, "key_mode": "row", "max_episode_steps": 30}
+    plain, piped = OraclePolicy(h=3, noise=0.3), OraclePolicy(h=3, noise=0.3)
+    sizes = []
+
+    def recording(obs, key):
+        sizes.append(len(obs))
+        return piped(obs, key)
+
+    together = local.run(plain, **kwargs)
+    apart = local.run(recording, pipeline=True, **kwargs)
+    assert outcomes(apart) == outcomes(together)
+    assert set(sizes) == {1} and apart.summary.policy_calls == sum(e.policy_queries for e in apart.episodes)
+    assert plain.calls < piped.calls
+    assert pipeline_groups(8, 2, True) == [[0, 1, 4, 5], [2, 3, 6, 7]]  # each group: 2 envs on each worker
+    assert pipeline_groups(3, 2, False) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match=r"pipeline needs num_envs >= 2 \* workers"):
+        pipeline_groups(3, 2, True)
 
 
 def test_actions_are_clipped(local):

@@ -590,6 +590,21 @@ class _Slot:
     frames: list = field(default_factory=list)
 
 
+def pipeline_groups(num_envs: int, workers: int, pipeline: bool) -> list[list[int]]:
+    """The env slots queried together: all of them, or with ``pipeline`` two groups that each hold about half of
+    every worker's envs (slot ``s`` runs on worker ``s % workers`` as its ``s // workers``-th env).
+
+    Raises:
+        ValueError: ``pipeline`` with fewer than two envs per worker.
+    """
+    if not pipeline:
+        return [list(range(num_envs))]
+    if num_envs < 2 * workers:
+        raise ValueError(f"pipeline needs num_envs >= 2 * workers (two envs per worker), got {num_envs} envs "
+                         f"for {workers} workers")
+    return [[s for s in range(num_envs) if (s // workers) % 2 == g] for g in (0, 1)]
+
+
 def _split_round_robin(count: int, workers: int) -> list[int]:
     return [len(range(w, count, workers)) for w in range(workers)]
 
@@ -674,6 +689,7 @@ class Evaluator:
         frame_skip: int = 3,
         progress: bool = False,
         warm_up: bool = False,
+        pipeline: bool = False,
     ) -> EvalResult:
         """Run ``episodes`` episodes of ``policy`` and summarize them.
 
@@ -696,6 +712,12 @@ class Evaluator:
             warm_up: first call the policy once on a zero batch (output discarded) before waiting for the worker
                 processes, so that compiling a jitted policy overlaps their start-up (for the first run of a fresh
                 Evaluator). The policy sees one call more than ``policy_calls``.
+            pipeline: split the environments in two groups (each spread over all workers, so ``num_envs`` must be
+                at least ``2 * workers``) and query the policy for one group while the other executes its chunks.
+                This hides the policy's compute time when the policy returns before its result is computed (JAX's
+                asynchronous dispatch: return the jax array, do not convert it to numpy); the policy is then called
+                with batches of ``num_envs / 2`` rows. With a policy that computes synchronously it only halves the
+                batches. In 'call' key mode a stochastic policy's results differ with and without it.
         """
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
@@ -707,11 +729,12 @@ class Evaluator:
             raise ValueError(
                 f"video_episodes must be an integer in [0, episodes={episodes}], got {video_episodes!r}"
             )
-        batch_size = self.num_envs if batch_size is None else batch_size
-        if not isinstance(batch_size, int) or batch_size < self.num_envs:
-            raise ValueError(
-                f"batch_size must be an integer >= num_envs ({self.num_envs}), got {batch_size!r}"
-            )
+        groups = pipeline_groups(self.num_envs, self.workers, pipeline)
+        group_size = max(len(g) for g in groups)
+        batch_size = group_size if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < group_size:
+            what = "num_envs" if len(groups) == 1 else "the pipeline's group size"
+            raise ValueError(f"batch_size must be an integer >= {what} ({group_size}), got {batch_size!r}")
         limit = self.time_limit if max_episode_steps is None else max_episode_steps
         if limit is None:
             raise ValueError(f"{self.env_id} has no time limit: pass max_episode_steps")
@@ -760,48 +783,62 @@ class Evaluator:
                 slots[s].obs = obs
                 slots[s].frames.extend(frames)
 
+        def query(group: list[int]):
+            """Call the policy on the group's running envs; returns (its output, the slots of its rows) or None."""
+            nonlocal calls, policy_time
+            live = [s for s in group if slots[s].episode is not None]
+            if not live:
+                return None
+            for row, s in enumerate(live):
+                batch[row] = slots[s].obs
+            batch[len(live) :] = batch[0]
+            key = keys(
+                calls,
+                np.array([slots[s].episode for s in live], np.uint32),
+                np.array([slots[s].queries for s in live], np.uint32),
+            )
+            calls += 1
+            begin = time.perf_counter()
+            actions = policy(batch.copy(), key)  # a fresh array: the policy may keep or alias its input
+            policy_time += time.perf_counter() - begin
+            return actions, live
+
+        def execute(actions, live: list[int]) -> None:
+            """Check the policy's output, run the chunks, book the results and start new episodes in freed slots."""
+            nonlocal horizon, policy_time
+            begin = time.perf_counter()
+            chunks = check_actions(actions, batch_size, self.action_dim, len(live), horizon)  # waits for them
+            policy_time += time.perf_counter() - begin
+            horizon = chunks.shape[1]
+            outcome = self._dispatch("run", [(s, chunks[row]) for row, s in enumerate(live)])
+            finished = []
+            for s in live:
+                obs, reward_sum, taken, done, success, frames = outcome[s]
+                slot = slots[s]
+                slot.obs = obs
+                slot.ret += reward_sum
+                slot.length += taken
+                slot.queries += 1
+                slot.frames.extend(frames)
+                if done:
+                    j = slot.episode
+                    results[j] = EpisodeResult(j, episode_seed(seed, j), success, slot.ret, slot.length, slot.queries)
+                    if slot.frames:
+                        videos[j] = np.stack(slot.frames)
+                    finished.append(s)
+                    if bar is not None:
+                        bar.update(1)
+            if finished:
+                start_episodes(finished)
+
         try:
             start_episodes(list(range(self.num_envs)))
-            while True:
-                live = [s for s in range(self.num_envs) if slots[s].episode is not None]
-                if not live:
-                    break
-                for row, s in enumerate(live):
-                    batch[row] = slots[s].obs
-                batch[len(live) :] = batch[0]
-                key = keys(
-                    calls,
-                    np.array([slots[s].episode for s in live], np.uint32),
-                    np.array([slots[s].queries for s in live], np.uint32),
-                )
-                begin = time.perf_counter()
-                actions = policy(batch.copy(), key)  # a fresh array: the policy may keep or alias its input
-                chunks = check_actions(actions, batch_size, self.action_dim, len(live), horizon)
-                policy_time += time.perf_counter() - begin
-                horizon = chunks.shape[1]
-                calls += 1
-                outcome = self._dispatch("run", [(s, chunks[row]) for row, s in enumerate(live)])
-                finished = []
-                for s in live:
-                    obs, reward_sum, taken, done, success, frames = outcome[s]
-                    slot = slots[s]
-                    slot.obs = obs
-                    slot.ret += reward_sum
-                    slot.length += taken
-                    slot.queries += 1
-                    slot.frames.extend(frames)
-                    if done:
-                        j = slot.episode
-                        results[j] = EpisodeResult(
-                            j, episode_seed(seed, j), success, slot.ret, slot.length, slot.queries
-                        )
-                        if slot.frames:
-                            videos[j] = np.stack(slot.frames)
-                        finished.append(s)
-                        if bar is not None:
-                            bar.update(1)
-                if finished:
-                    start_episodes(finished)
+            pending = [query(group) for group in groups]
+            while any(p is not None for p in pending):
+                for g, group in enumerate(groups):  # one group's policy output is computed while the others step
+                    if pending[g] is not None:
+                        execute(*pending[g])
+                        pending[g] = query(group)
         finally:
             if bar is not None:
                 bar.close()
@@ -852,6 +889,7 @@ def evaluate(
     progress: bool = False,
     warm_up: bool = True,
     fast_env: bool = True,
+    pipeline: bool = False,
 ) -> EvalResult:
     """Evaluate ``policy`` for ``episodes`` episodes in a fresh :class:`Evaluator`; see :meth:`Evaluator.run`.
 
@@ -881,4 +919,5 @@ def evaluate(
             frame_skip=frame_skip,
             progress=progress,
             warm_up=warm_up,
+            pipeline=pipeline,
         )
