@@ -434,6 +434,7 @@ def test_video_frames_and_gif(local, tmp_path):
     frames = result.videos[0]
     assert frames.shape == (4, 200, 200, 3) and frames.dtype == np.uint8  # reset, steps 4 and 8, last step 10
     assert not np.array_equal(frames[0], frames[-1]), "the arm moves between the first and last frame"
+    assert local._backend.local.envs[0].unwrapped._model.vis.quality.shadowsize == 1024  # cheaper shadow map
     path = write_gif(tmp_path / "sub" / "rollout.gif", frames, fps=10)
     back = iio.imread(path, index=None)
     assert back.shape[:3] == (4, 200, 200)
