@@ -247,6 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--policy", default=None, help="a trained policy.msgpack instead of the random flow policy"
     )
     parser.add_argument("--plain-env", action="store_true", help="(b) steps the gymnasium env itself, no fast_env")
+    parser.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="(b) queries all envs at once instead of one half while the other half steps",
+    )
     parser.add_argument("--progress", action="store_true", help="tqdm progress bars")
     return parser.parse_args(argv)
 
@@ -282,11 +287,15 @@ def main(argv: list[str] | None = None) -> None:
             sample_one, sample_batch = make_policies(
                 obs_dim, action_dim, args.horizon, hidden, args.flow_steps, args.seed
             )
-        warm = np.zeros((evaluator.num_envs, obs_dim), np.float32)
+        pipeline = not args.no_pipeline and evaluator.num_envs >= 2 * evaluator.workers
+        rows = evaluator.num_envs // 2 if pipeline else evaluator.num_envs
+        warm = np.zeros((rows, obs_dim), np.float32)
         key = jax.random.PRNGKey(0)
         np.asarray(sample_batch(warm, key))
         np.asarray(sample_one(warm[0], key))
-        result = evaluator.run(sample_batch, episodes=args.episodes, seed=args.seed, progress=args.progress)
+        result = evaluator.run(
+            sample_batch, episodes=args.episodes, seed=args.seed, progress=args.progress, pipeline=pipeline
+        )
 
     start = time.perf_counter()
     env = ChunkQueue(StepMonitor(gymnasium.make(env_id)))
@@ -319,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             s.successes,
             setup_b,
         )
-        + f", {fast}, policy {s.policy_time_s:.2f} s"
+        + f", {fast}, {'pipelined' if pipeline else 'not pipelined'}, policy {s.policy_time_s:.2f} s"
     )
     print(
         f"speedup: {ref['wall'] / s.wall_time_s:.2f}x rollout time, "
