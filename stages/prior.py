@@ -3,7 +3,7 @@
     python -m stages.prior --task cube-single-play-singletask-task2-v0
 
 It is the fixed flow the reversal cache is computed through, and the actor's starting point in cached training.
-Output: ``data/priors/<task>/policy.msgpack`` (the EMA actor) and ``prior.json`` (losses, timing).
+Output: ``data/priors/<task>/policy.msgpack`` (the EMA actor) and ``prior.json`` (final losses); both byte-stable.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def main(argv: list[str]) -> None:
     metadata = {"agent": "bc_flow", "algorithm": "bc_flow", "task": args.task, "seed": PRIOR_SEED, "steps": steps,
                 "config": dataclasses.asdict(config), "inputs": {"dataset": data.sha256}}
     digest = checkpoints.save_policy(out / "policy.msgpack", jax.device_get(bc_flow.policy_params(state)), metadata)
-    cli.write_json(out / "prior.json", {"task": args.task, "steps": steps, "final_metrics": losses[-1],
+    final = {k: v for k, v in losses[-1].items() if k != "steps_per_second"}  # byte-stable: no timings
+    cli.write_json(out / "prior.json", {"task": args.task, "steps": steps, "final_metrics": final,
                                         "policy_sha256": digest, "dataset_sha256": data.sha256})
     log.info("prior for %s: %d steps in %.1f s, final bc_loss %.4f -> %s", args.task, steps, elapsed,
              losses[-1].get("bc_loss", float("nan")), out / "policy.msgpack")

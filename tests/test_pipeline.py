@@ -151,6 +151,18 @@ def test_a_second_repro_runs_nothing(built):
     assert json.loads(dvc("status", "--json", cwd=built["repo"]).stdout) == {}
 
 
+def test_rebuilding_the_cache_and_prior_gives_the_same_bytes(built):
+    """Same inputs, same bytes: what DVC's cache and a teammate's pull rely on."""
+    repo = built["repo"]
+    before = {path: path.read_bytes() for path in sorted((repo / "data").glob(f"*/{TASK}/*")) if path.is_file()
+              and path.parent.parent.name in ("priors", "reversed")}
+    assert len(before) >= 5  # policy.msgpack, prior.json, manifest.json, 3 shards
+    dvc("repro", "--force", "--single-item", f"prior@{TASK}", f"reverse@{TASK}", cwd=repo)
+    changed = [str(path) for path, data in before.items() if path.read_bytes() != data]
+    assert changed == []
+    assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
+
+
 @pytest.mark.parametrize(
     "section, key, value, expected",
     [
