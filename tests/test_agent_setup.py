@@ -25,11 +25,13 @@ def params():
 
 @pytest.mark.parametrize(
     "name, algorithm, reversal, refresh",
-    [("rql", "rql", "online", 0), ("rql_cached", "rql", "cached", 0), ("rql_refresh", "rql", "cached", 2500),
+    [("rql", "rql", "online", 0), ("rql_cached", "rql", "cached", 0), ("rql_refresh", "rql", "cached", "period"),
      ("fql", "fql", "none", 0), ("bc_flow", "bc_flow", "none", 0)],
 )
 def test_each_agent_name_maps_to_its_algorithm_and_reversal(params, name, algorithm, reversal, refresh):
     spec = run_spec(params, name, CUBE, obs_dim=28, action_dim=5)
+    refresh = params.train.refresh_every if refresh == "period" else refresh
+    assert refresh != 0 or name != "rql_refresh"
     assert (spec.algorithm, spec.reversal, spec.refresh_every) == (algorithm, reversal, refresh)
     assert spec.uses_cache == (reversal == "cached") == spec.starts_from_prior
     assert spec.config.obs_dim == 28 and spec.config.chunk_dim == 5 * spec.config.h

@@ -181,7 +181,7 @@ def test_missing_keys_are_named(raw):
             "add rql_refresh",
         ),
         ({"train": {"refresh_every": 0}}, "train.refresh_every", "rql_refresh agent needs refresh_every > 0"),
-        ({"train": {"checkpoint_every": 3000}}, "train.checkpoint_every", "multiple of train.refresh_every=2500"),
+        ({"train": {"checkpoint_every": 7500}}, "train.checkpoint_every", "multiple of train.refresh_every=5000"),
         ({"prior": {"steps": 150}}, "prior.steps", "multiple of train.updates_per_call=100"),
         ({"train": {"log_every": 150}}, "train.log_every", "multiple of train.updates_per_call=100"),
         ({"evaluate": {"workers": 30, "envs": 25}}, "evaluate.workers", "workers=30 > envs=25"),
