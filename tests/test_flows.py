@@ -146,3 +146,22 @@ def test_exact_reversal_reports_nonconvergence():
     _, _, info = flows.reverse(lambda s, x, t: -30.0 * x, s, x, jnp.ones(2), F, "exact", 10, 1e-6)
     assert int(info["iterations"]) == 10
     assert not float(info["residual"].max()) <= 1e-2  # large, or NaN once the iterates overflow
+
+
+def test_exact_starts_from_the_backward_euler_point(actors):
+    """The fixed point starts from x_{j+1} - v(s, x_{j+1}, t_{j+1}) dt, whose velocity the previous step's solve
+    already evaluated: with a single update per step the exact reversal is the euler reversal, and every further
+    update moves it towards the exact inverse (one network call each)."""
+    velocities, batch = actors
+    velocity, s, chunk = velocities["trained"], batch["observations"], batch["actions"]
+    distance = flows.mixed_distances(jax.random.PRNGKey(2), s.shape[0], F)
+    reverse = jax.jit(
+        lambda m, n: flows.reverse(velocity, s, chunk, distance, F, m, n, 0.0), static_argnums=(0, 1)
+    )
+    x_euler, _, _ = reverse("euler", 1)
+    x_one, _, info_one = reverse("exact", 1)
+    np.testing.assert_allclose(x_one, x_euler, rtol=0, atol=1e-6)
+    assert int(info_one["iterations"]) == 1
+    x_exact, _, info = reverse("exact", 50)
+    assert float(info["residual"].max()) < float(info_one["residual"].max())
+    assert float(jnp.abs(x_exact - x_euler).max()) > 1e-4  # the two methods really differ on a trained actor

@@ -10,7 +10,10 @@ t_j(d) = (1 - d) + d * j / F, j = F .. 0, with step dt = d / F, ending at time f
 
 * ``euler`` (the reference): x_j = x_{j+1} - v(s, x_{j+1}, t_{j+1}) dt, an approximate inverse.
 * ``exact``: x_j solves x_j + v(s, x_j, t_j) dt = x_{j+1}, the exact inverse of the sampler's step, by the
-  fixed-point iteration y <- x_{j+1} - v(s, y, t_j) dt from y = x_{j+1} (a contraction when dt * Lip(v) < 1).
+  fixed-point iteration y <- x_{j+1} - v(s, y, t_j) dt (a contraction when dt * Lip(v) < 1), started from the
+  backward Euler point x_{j+1} - v(s, x_{j+1}, t_{j+1}) dt, whose velocity the previous step's solve already
+  evaluated (its last iterate is x_{j+1}): n updates cost n network calls (starting from y = x_{j+1} would
+  cost n + 1), and with a single update per step the exact reversal is the euler reversal.
 
 For d = 1 the reversal grid is the sampler's grid bit for bit, so the sampler started from the exactly reversed
 x_0 reproduces the chunk up to the fixed-point tolerance. d = 0 gives dt = 0 and returns the chunk unchanged.
@@ -63,12 +66,15 @@ def _max_abs(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.max(jnp.abs(x), axis=-1)
 
 
-def _inverse_euler_step(velocity, observations, x_next, t_prev, dt, iterations, tolerance):
-    """Solve y + v(s, y, t_prev) dt = x_next for y by fixed-point iteration.
+def _inverse_euler_step(velocity, observations, x_next, v_next, t_prev, dt, iterations, tolerance):
+    """Solve y + v(s, y, t_prev) dt = x_next for y by fixed-point iteration y <- x_next - v(s, y, t_prev) dt.
 
-    Returns (y, residual per row = max|y + v(s, y, t_prev) dt - x_next|, number of updates made).
-    Stops after `iterations` updates or once every row's residual is <= `tolerance`; the residual returned
-    is the one of the returned y (the check costs no extra network call: v(y) is needed for the next update).
+    The first update is the backward Euler point y = x_next - v_next dt, with v_next = v(s, x_next, t_next)
+    already known (the previous step's last evaluation, or the caller's); each update then costs one network
+    call, v(s, y, t_prev), which both checks it and makes the next one. Returns (y, residual per row =
+    max|y + v(s, y, t_prev) dt - x_next|, number of updates made (>= 1), v(s, y, t_prev)). Stops after
+    `iterations` updates or once every row's residual is <= `tolerance`; the residual returned is the one of the
+    returned y, and its velocity starts the next step.
     """
 
     def residual(y, v):
@@ -83,9 +89,9 @@ def _inverse_euler_step(velocity, observations, x_next, t_prev, dt, iterations, 
         y = x_next - v * dt
         return n + 1, y, velocity(observations, y, t_prev)
 
-    v0 = velocity(observations, x_next, t_prev)
-    n, y, v = jax.lax.while_loop(cond, body, (jnp.int32(0), x_next, v0))
-    return y, residual(y, v), n
+    y0 = x_next - v_next * dt
+    n, y, v = jax.lax.while_loop(cond, body, (jnp.int32(1), y0, velocity(observations, y0, t_prev)))
+    return y, residual(y, v), n, v
 
 
 def reverse(
@@ -102,7 +108,8 @@ def reverse(
     """Walk `chunk` (time 1) back by per-row `distance` d (B,) in F steps of size d / F.
 
     Returns (x_f (B, D), f (B, 1) = 1 - d, info) where info holds per-row `residual` (max over the F steps of
-    the exact solver's residual; 0 for euler) and `iterations` (max fixed-point updates in any step; 0 for euler).
+    the exact solver's residual; 0 for euler) and `iterations` (max fixed-point updates in any step, the start at
+    the backward Euler point included; 0 for euler).
     With `return_trajectory`, also returns the grid points (B, F + 1, D): [:, j] is the point at time t_j(d),
     so [:, F] is the chunk and [:, 0] is x_f.
     """
@@ -118,19 +125,27 @@ def reverse(
     grid = (1.0 - d) + d * flow_times(flow_steps)[None, :]  # (B, F + 1), t_j(d)
     dt = d / flow_steps
 
-    def step(x_next, j):
-        # one step from t_{j+1} to t_j
-        if method == "euler":
-            x = x_next - velocity(observations, x_next, grid[:, j + 1, None]) * dt
-            res, n = jnp.zeros(x.shape[0], x.dtype), jnp.int32(0)
-        else:
-            x, res, n = _inverse_euler_step(
-                velocity, observations, x_next, grid[:, j, None], dt, iterations, tolerance
-            )
-        return x, (x, res, n)
-
     steps = jnp.arange(flow_steps - 1, -1, -1)
-    x_f, (xs, residuals, counts) = jax.lax.scan(step, chunk, steps)
+    if method == "euler":
+
+        def step(x_next, j):
+            # one step from t_{j+1} to t_j
+            x = x_next - velocity(observations, x_next, grid[:, j + 1, None]) * dt
+            return x, (x, jnp.zeros(x.shape[0], x.dtype), jnp.int32(0))
+
+        x_f, (xs, residuals, counts) = jax.lax.scan(step, chunk, steps)
+    else:
+
+        def step(carry, j):
+            # one step from t_{j+1} to t_j; v_next = v(s, x_next, t_{j+1}) from the previous step's solve
+            x_next, v_next = carry
+            x, res, n, v = _inverse_euler_step(
+                velocity, observations, x_next, v_next, grid[:, j, None], dt, iterations, tolerance
+            )
+            return (x, v), (x, res, n)
+
+        v_chunk = velocity(observations, chunk, grid[:, flow_steps, None])
+        (x_f, _), (xs, residuals, counts) = jax.lax.scan(step, (chunk, v_chunk), steps)
     info = {"residual": jnp.max(residuals, axis=0), "iterations": jnp.max(counts)}
     f = grid[:, :1]
     if not return_trajectory:
