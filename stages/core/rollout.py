@@ -4,7 +4,7 @@ Pure library: knows nothing of the project's files or params. The public entry p
 
 * :func:`evaluate` -- make the environments, run the episodes, close everything;
 * :class:`Evaluator` -- the same, but keeps its environments (and worker processes) alive so evaluation during
-  training pays the environment start-up (~1 s per OGBench manipulation env) only once.
+  training pays the start-up (worker interpreters, the first env of each process) only once.
 
 How the episodes are run
 ------------------------
@@ -23,6 +23,19 @@ recompiles. Actions are clipped to [-1, 1].
 
 An episode's success is ``info['success']`` at its last step (OGBench single-task envs end an episode on success or
 at the time limit); its return is the sum of rewards and its length the number of env steps.
+
+Where the time goes (cube-single, 2-core CPU)
+---------------------------------------------
+* Env steps: OGBench manipulation envs are stepped by :class:`stages.core.fast_env.ManipStepper`, bitwise the same
+  observations, rewards, flags and successes as ``gymnasium.make(env_id)``, ~1.0 ms a step instead of ~1.4 ms, of
+  which ~0.72 ms is MuJoCo (25 physics substeps) and ~0.15 ms OGBench's end-effector controller (its IK).
+* Start-up: worker processes are fresh interpreters (~1 s of imports, ~1.3 s for their first env); the other envs of
+  a process are clones of its first (~0.2 s each, :func:`stages.core.fast_env.clone_env`). Workers are only waited
+  for at the first command, so ``run(..., warm_up=True)`` compiles a jitted policy meanwhile.
+* Policy: one batched call per chunk; with ``pipeline=True`` half of the envs step while the policy computes the
+  other half's chunks (JAX's asynchronous dispatch), which hides its compute time behind env steps.
+* Videos: a frame costs ~0.16 s of CPU with software EGL (llvmpipe) even with the cheaper shadow map used here, so
+  the frames of a rendered episode cost more than its steps.
 """
 
 from __future__ import annotations
