@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stages.core import xla_setup  # noqa: F401  (XLA flags, before the backend starts)
+
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
     """Kernel initialiser of the reference: variance scaling, fan_avg, uniform."""
@@ -108,10 +110,11 @@ def _stacked_forward(params: dict, inputs: jnp.ndarray, layer_norm: bool, keep: 
 def stacked_mlp(params: dict, inputs: jnp.ndarray, layer_norm: bool) -> jnp.ndarray:
     """E MLPs with stacked parameters (leading member axis E; flax names Dense_i, LayerNorm_i) on shared inputs.
 
-    inputs (N, in) -> (E, N, out). The forward pass is flax's MLP of each member, operation for operation. The
-    backward pass is written out (its result equals autodiff's up to float rounding): it reuses gelu'(z) and the
-    normalised activations kept by the forward pass instead of differentiating through tanh and the LayerNorm
-    statistics again, and computes every matmul as one batched dot with the member axis leading.
+    inputs (N, in) -> (E, N, out). The forward pass is flax's MLP of each member, operation for operation (equal up
+    to float rounding: the CPU's kernels may sum a batched dot in another order than vmap's). The backward pass is
+    written out (its result equals autodiff's up to float rounding): it reuses gelu'(z) and the normalised
+    activations kept by the forward pass instead of differentiating through tanh and the LayerNorm statistics
+    again, and computes every matmul as one batched dot with the member axis leading.
     """
     return _stacked_forward(params, inputs, layer_norm, keep=False)[0]
 
