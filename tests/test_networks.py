@@ -98,8 +98,9 @@ def _vmapped_flax_mlp(hidden_dims, ensemble, layer_norm):
 @pytest.mark.parametrize("layer_norm", [True, False])
 @pytest.mark.parametrize("ensemble", [1, 3])
 def test_critic_fast_apply_is_the_flax_mlp_with_its_gradients(layer_norm, ensemble):
-    """stacked_mlp (batched matmuls, hand-written backward) computes flax's vmapped MLP: the forward pass bit for bit,
-    parameter and input gradients to float rounding."""
+    """stacked_mlp (batched matmuls, hand-written backward) computes flax's vmapped MLP: the forward pass and the
+    parameter and input gradients to float rounding (bit-identity is not promised: the CPU's matmul kernels may sum
+    a batched dot in another order than vmap's)."""
     hidden = (16, 12, 8)
     critic = CriticEnsemble(hidden, ensemble, layer_norm=layer_norm)
     reference = _vmapped_flax_mlp(hidden, ensemble, layer_norm)
@@ -125,7 +126,7 @@ def test_critic_fast_apply_is_the_flax_mlp_with_its_gradients(layer_norm, ensemb
 
     q_fast, q_slow = jax.jit(fast)(params, x), jax.jit(slow)(params, x)
     assert q_fast.shape == (ensemble, 2, 5)
-    np.testing.assert_array_equal(q_fast, q_slow)
+    np.testing.assert_allclose(q_fast, q_slow, rtol=1e-5, atol=1e-6)
 
     def grads(apply):
         loss = lambda p, x: jnp.sum(weights * jnp.sin(apply(p, x)))
