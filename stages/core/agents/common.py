@@ -109,6 +109,25 @@ def apply_adam(tx: optax.GradientTransformation, grads, opt_state, params):
     return optax.apply_updates(params, updates), opt_state
 
 
+def critic_actor_metrics(*, critic_loss, q, target, q_pi, valid, actor_grads, critic_grads, **losses) -> dict:
+    """The per-update metrics the Q-learning agents share: losses, Q statistics, valid share, gradient norms.
+
+    `losses` are the agent's own scalar terms (actor_loss, bc_loss, q_loss, ...), listed first.
+    """
+    return {
+        "critic_loss": critic_loss,
+        **losses,
+        "q_mean": q.mean(),
+        "q_min": q.min(),
+        "q_max": q.max(),
+        "target_q_mean": target.mean(),
+        "q_pi_mean": q_pi.mean(),
+        "valid_fraction": valid.mean(),
+        "actor_grad_norm": optax.global_norm(actor_grads),
+        "critic_grad_norm": optax.global_norm(critic_grads),
+    }
+
+
 def check_dataset(config: FlowConfig, data: DeviceDataset, needs_cache: bool = False) -> None:
     """Raise a clear error when the device dataset does not fit the agent config."""
     if not isinstance(data, DeviceDataset):

@@ -199,21 +199,19 @@ def make_step(config: Config):
             rng=rng,
             step=state.step + 1,
         )
-        metrics = {
-            "critic_loss": critic_loss,
-            "actor_loss": actor_loss,
-            "bc_loss": bc_loss,
-            "q_loss": q_loss,
-            "q_mean": q.mean(),
-            "q_min": q.min(),
-            "q_max": q.max(),
-            "target_q_mean": target.mean(),
-            "q_pi_mean": q_pi.mean(),
-            "valid_fraction": valid.mean(),
-            "actor_grad_norm": optax.global_norm(actor_grads),
-            "critic_grad_norm": optax.global_norm(critic_grads),
-            **rev_metrics,
-        }
+        metrics = common.critic_actor_metrics(
+            critic_loss=critic_loss,
+            actor_loss=actor_loss,
+            bc_loss=bc_loss,
+            q_loss=q_loss,
+            q=q,
+            target=target,
+            q_pi=q_pi,
+            valid=valid,
+            actor_grads=actor_grads,
+            critic_grads=critic_grads,
+        )
+        metrics.update(rev_metrics)
         return new_state, metrics
 
     return step
