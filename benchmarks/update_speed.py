@@ -18,6 +18,13 @@ its figure, elementwise operations included, is printed too). A while loop (the 
 counted once: that row's figures are lower bounds. The fractions use the matmul count. "cores" is process CPU time
 over wall time during the timed calls (2 = both cores busy; ~1 when the VM gets one core's worth).
 
+Ceiling: every dot of the update is then timed alone, per distinct (lhs shape, rhs shape, dimension numbers)
+signature (one jitted call of many such dots on distinct operands), and the update's dots are summed at those
+rates ("dots ms"). That is the time of the update's matrix
+products with everything else (GELU, LayerNorm, Adam, noise, the reversal's adds) free, so "ceiling" = matmul
+FLOPs / dots ms / reference rate bounds the "of matmul" fraction any implementation of the same computation can
+reach here; "of ceil" = dots ms / update ms says how much of the update's time the products themselves take.
+
     .venv/bin/python benchmarks/update_speed.py                 # everything, ~2-4 minutes
     .venv/bin/python benchmarks/update_speed.py --only paper rql
 """
@@ -160,10 +167,11 @@ def configs(params_path: Path) -> dict[str, tuple[object, object, int]]:
     }
 
 
-def _dot_flops(jaxpr, loops: list) -> float:
+def _dot_flops(jaxpr, loops: list, dots: dict | None = None, times: float = 1.0) -> float:
     """2 * M * N * K of every dot_general in a jaxpr; scan bodies times their length, cond the costliest branch.
 
     A while loop's body counts once (its trip count is data-dependent); each one found is appended to `loops`.
+    With `dots`, each dot's signature (lhs shape, rhs shape, dimension numbers) -> count is added to it.
     """
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -173,18 +181,75 @@ def _dot_flops(jaxpr, loops: list) -> float:
             lhs = eqn.invars[0].aval.shape
             out = eqn.outvars[0].aval.shape
             total += 2.0 * float(np.prod(out)) * float(np.prod([lhs[d] for d in lhs_contract]))
+            if dots is not None:
+                key = (tuple(lhs), tuple(eqn.invars[1].aval.shape), eqn.params["dimension_numbers"])
+                dots[key] = dots.get(key, 0.0) + times
             continue
-        times = float(eqn.params["length"]) if prim == "scan" else 1.0
+        inner = float(eqn.params["length"]) if prim == "scan" else 1.0
         if prim == "while":
             loops.append(prim)
-        subs = [_dot_flops(sub, loops) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+        subs = []
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            sub_dots = {} if dots is not None else None
+            subs.append((_dot_flops(sub, loops, sub_dots, times * inner), sub_dots))
         if subs:
-            total += times * (max(subs) if prim == "cond" else sum(subs))
+            if prim == "cond":  # the costliest branch only
+                flops, sub_dots = max(subs, key=lambda item: item[0])
+                total += inner * flops
+                subs = [(flops, sub_dots)]
+            else:
+                total += inner * sum(flops for flops, _ in subs)
+            for _, sub_dots in subs:
+                for key, count in (sub_dots or {}).items():
+                    dots[key] = dots.get(key, 0.0) + count
     return total
 
 
-def update_flops(agent, config, data) -> tuple[float, float, bool]:
-    """FLOPs of one update: (matmul FLOPs of the jaxpr, XLA cost analysis FLOPs, whether it has while loops)."""
+def dot_ceiling(dots: dict, tries: int = 7, show: bool = False) -> tuple[float, float]:
+    """Seconds the update's dots take alone, each signature timed apart at its own best rate.
+
+    Returns (seconds, flops). Every other operation of the update (GELU, LayerNorm, Adam, sampling, the
+    reversal's adds) is left out, so no implementation of the same dots in the same shapes can beat this on this
+    machine: it is the ceiling of the "of matmul" fraction. A signature is timed as one jitted call of P * P dots,
+    every pair of P distinct lhs and P distinct rhs operands (so XLA can neither merge nor hoist any of them), all
+    outputs returned and nothing else computed; P grows for small dots so the call's dispatch is amortised.
+    """
+    seconds = flops_total = 0.0
+    for (lhs_shape, rhs_shape, dims), count in dots.items():
+        (lhs_contract, _), _ = dims
+        out_shape = jax.eval_shape(
+            lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims),
+            jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
+            jax.ShapeDtypeStruct(rhs_shape, jnp.float32),
+        ).shape
+        flops = 2.0 * float(np.prod(out_shape)) * float(np.prod([lhs_shape[d] for d in lhs_contract]))
+        sizes = 4.0 * np.array([np.prod(lhs_shape), np.prod(rhs_shape), np.prod(out_shape)])
+        pairs = 2
+        while (
+            pairs < 12
+            and (pairs + 1) ** 2 * flops < 0.1 * 150e9
+            and ((pairs + 1) * (sizes[0] + sizes[1]) + (pairs + 1) ** 2 * sizes[2] < 1e9)
+        ):
+            pairs += 1
+        lhs = [jax.random.normal(jax.random.PRNGKey(10 + i), lhs_shape, jnp.float32) for i in range(pairs)]
+        rhs = [jax.random.normal(jax.random.PRNGKey(50 + i), rhs_shape, jnp.float32) for i in range(pairs)]
+        run = jax.jit(lambda lhs, rhs, dims=dims: [jax.lax.dot_general(a, b, dims) for a in lhs for b in rhs])
+        jax.block_until_ready(run(lhs, rhs))
+        best = _best_seconds(lambda run=run, lhs=lhs, rhs=rhs: run(lhs, rhs), tries) / pairs**2
+        seconds += count * best
+        flops_total += count * flops
+        if show:
+            print(
+                f"    dot {lhs_shape!s:>16s} x {rhs_shape!s:>16s} contract {dims[0]} batch {dims[1]}: "
+                f"x{count:g}, {1e3 * best:.3f} ms each, {flops / best / 1e9:.0f} GFLOP/s, {1e3 * count * best:.2f} ms"
+            )
+        del lhs, rhs
+    return seconds, flops_total
+
+
+def update_flops(agent, config, data) -> tuple[float, float, bool, dict]:
+    """FLOPs of one update: (matmul FLOPs of the jaxpr, XLA cost analysis FLOPs, whether it has while loops,
+    dot signature -> count)."""
     state = agent.init(config, jax.random.PRNGKey(0))
     step = agent.make_step(config)
     cost = jax.jit(step).lower(state, data).compile().cost_analysis()
@@ -197,8 +262,9 @@ def update_flops(agent, config, data) -> tuple[float, float, bool]:
     except (ImportError, AttributeError, TypeError):
         pass
     loops: list = []
-    dots = _dot_flops(jaxpr, loops)
-    return dots, float(cost.get("flops", np.nan)), bool(loops)
+    signatures: dict = {}
+    dots = _dot_flops(jaxpr, loops, signatures)
+    return dots, float(cost.get("flops", np.nan)), bool(loops), signatures
 
 
 def time_update(agent, config, data, k: int, rounds: int, probe) -> dict:
@@ -230,6 +296,7 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="*", default=None, help="paper, rql, rql_exact (or rql_euler), fql, bc_flow"
     )
+    parser.add_argument("--dots", action="store_true", help="print each dot signature's count, rate and time")
     parser.add_argument("--rounds", type=int, default=5, help="timed (probe, K updates) rounds per update")
     parser.add_argument("--k-scale", type=float, default=1.0, help="scale the K updates per timed call")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="default configuration")
@@ -250,8 +317,10 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         k = max(1, round(k * args.k_scale))
-        flops, xla_flops, has_while = update_flops(agent, config, data)
+        flops, xla_flops, has_while, signatures = update_flops(agent, config, data)
         result = time_update(agent, config, data, k, args.rounds, probe)
+        dots_seconds, dots_flops = dot_ceiling(signatures, show=args.dots)
+        assert abs(dots_flops - flops) <= 1e-6 * flops, (dots_flops, flops)
         seconds, probes = result["seconds"], result["probes"]
         paired = float(np.median(flops / seconds / 1e9 / probes))
         note = ""
@@ -260,11 +329,11 @@ def main() -> None:
             note = f"; fixed point: max {m['reversal_iterations']:.1f} updates/step, residual {m['reversal_residual_max']:.1e}"
         if has_while:
             note += "; while-loop bodies counted once (lower bound)"
-        rows.append((name, float(seconds.min()), flops, paired, result["cores"], has_while))
+        rows.append((name, float(seconds.min()), flops, paired, result["cores"], has_while, dots_seconds))
         print(
             f"{name:10s} K={k:3d}  best {1e3 * seconds.min():8.2f} ms/update (median {1e3 * np.median(seconds):.2f}), "
             f"matmul {flops / 1e9:.2f} GFLOP, XLA cost analysis {xla_flops / 1e9:.2f} GFLOP, "
-            f"probe {probes.max():.0f} GFLOP/s{note}",
+            f"probe {probes.max():.0f} GFLOP/s, its {len(signatures)} dot shapes alone {1e3 * dots_seconds:.2f} ms{note}",
             flush=True,
         )
         before[f"probe during {name}"] = float(probes.max())
@@ -276,15 +345,20 @@ def main() -> None:
     print(f"\nreference float32 matmul rate: {rate:.1f} GFLOP/s (best of all shapes and probes)")
     print(
         f"{'update':10s} {'ms/update':>10s} {'updates/s':>10s} {'GFLOP':>7s} {'GFLOP/s':>8s} "
-        f"{'of matmul':>10s} {'paired':>7s} {'cores':>6s}"
+        f"{'of matmul':>10s} {'paired':>7s} {'cores':>6s} {'dots ms':>8s} {'ceiling':>8s} {'of ceil':>8s}"
     )
-    for name, seconds, flops, paired, cores, has_while in rows:
+    for name, seconds, flops, paired, cores, has_while, dots_seconds in rows:
         achieved = flops / seconds / 1e9
         mark = ">=" if has_while else "  "
         print(
             f"{name:10s} {1e3 * seconds:10.2f} {1 / seconds:10.1f} {flops / 1e9:7.2f} {mark}{achieved:6.1f} "
-            f"{mark}{achieved / rate:8.2f} {mark}{paired:5.2f} {cores:6.2f}"
+            f"{mark}{achieved / rate:8.2f} {mark}{paired:5.2f} {cores:6.2f} {1e3 * dots_seconds:8.2f} "
+            f"{mark}{flops / dots_seconds / 1e9 / rate:6.2f} {mark}{dots_seconds / seconds:6.2f}"
         )
+    print(
+        "ceiling: the update's dots alone, each shape at its own best rate, as a fraction of the reference rate "
+        "(no update with the same dots can do better here); of ceil: dots-alone time / update time"
+    )
     print(f"end: {uptime()}")
 
 
