@@ -9,10 +9,17 @@
     envs step while the policy computes the other half's chunks).
 
 The policy is a flow policy: F Euler steps of an MLP velocity field v(obs, x, t) producing an (h, d) action chunk,
-jitted with JAX, randomly initialised (its success rate is ~0; the point is the cost of a real-sized network). Both
-ways use the same parameters and both are compiled before timing. Env creation (and worker start) is timed apart.
+jitted with JAX: randomly initialised by default (its success rate is ~0; the point is the cost of a paper-sized
+network), or with `--policy` a trained export of the pipeline (then success rates mean something, and the episodes
+reach the cube: contact-rich physics). Both ways use the same parameters and both are compiled before timing. Env
+creation (and worker start) is timed apart.
 
-    MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py            # 50 episodes, ~2-3 minutes
+Per-step costs and bounds are measured on (a)'s own episodes, replayed from their seeds and actions: the plain
+gymnasium step, the fast stepper, and MuJoCo alone on the controls the stepper applied. "bound" is the speedup (b)
+would reach with every core fully busy doing only fast steps (or only physics), nothing else.
+
+    MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py            # 50 episodes, ~1-2 minutes
+    MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py --policy data/runs/rql/<task>/seed0/policy.msgpack
     MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py --episodes 10 --hidden 256,256
 """
 
@@ -112,37 +119,57 @@ def load_exported_policies(path: str, task: str):
     return one, batched, f"{algorithm} export {path}"
 
 
-def step_costs(env_id: str, steps: int = 400, seed: int = 0) -> dict[str, float]:
-    """Seconds per env step (random actions, no policy), three ways on the same actions:
+def step_costs(env_id: str, trajectories: list[tuple[int, list[np.ndarray]]], max_steps: int = 2000) -> dict:
+    """Seconds per env step on the evaluated policy's own episodes (replayed from their seeds and actions):
 
     ``plain``: ``gymnasium.make(env_id).step`` (what (a) pays); ``fast``: the rollout's stepper (what (b) pays per
     step, see stages.core.fast_env); ``physics``: MuJoCo alone (``mj_step`` of the env's substeps and the contact
-    forces it reads), the floor no evaluation loop can go under.
+    forces it reads, on the controls the fast replay recorded), the floor no evaluation loop can go under. The
+    policy's own states matter: grasping and pushing the cube is contact-rich, so physics costs more per step than
+    under random actions.
     """
     import mujoco
 
     from stages.core.fast_env import PlainStepper, make_stepper
 
-    actions = np.random.default_rng(seed).uniform(-1, 1, (steps, 5))
-    out = {}
-    for name, fast in (("plain", False), ("fast", True)):
-        env = gymnasium.make(env_id)
-        stepper = make_stepper(env, fast=fast) if fast else PlainStepper(env)
-        stepper.reset(seed)
-        start = time.perf_counter()
-        for action in actions:
-            result = stepper.step(action)
-            if result.terminated or result.truncated:
-                stepper.reset(seed)
-        out[name] = (time.perf_counter() - start) / steps
-        if name == "plain":
-            u = env.unwrapped
+    used, total = [], 0
+    for seed, actions in trajectories:  # whole episodes, up to about max_steps steps
+        if total >= max_steps:
+            break
+        used.append((seed, actions))
+        total += len(actions)
+
+    def timed(stepper, per_step) -> float:
+        elapsed = 0.0
+        for seed, items in used:
+            stepper.reset(seed)
             start = time.perf_counter()
-            for _ in range(steps):
-                mujoco.mj_step(u._model, u._data, nstep=u._n_steps)
-                mujoco.mj_rnePostConstraint(u._model, u._data)
-            out["physics"] = (time.perf_counter() - start) / steps
-        env.close()
+            for item in items:
+                per_step(item)
+            elapsed += time.perf_counter() - start
+        return elapsed / total
+
+    out = {}
+    env = gymnasium.make(env_id)
+    out["plain"] = timed(plain := PlainStepper(env), plain.step)
+    env.close()
+
+    env = gymnasium.make(env_id)
+    u, fast = env.unwrapped, make_stepper(env, fast=True)
+    out["fast"] = timed(fast, fast.step)
+    controls = []  # the controls the fast stepper applies on these episodes, for the physics-alone replay
+    for seed, actions in used:
+        fast.reset(seed)
+        controls.append([(fast.step(a), u._data.ctrl.copy())[1] for a in actions])
+
+    def physics(ctrl) -> None:
+        u._data.ctrl[:] = ctrl
+        mujoco.mj_step(u._model, u._data, nstep=u._n_steps)
+        mujoco.mj_rnePostConstraint(u._model, u._data)
+
+    used = [(seed, episode) for (seed, _), episode in zip(used, controls, strict=True)]
+    out["physics"] = timed(fast, physics)
+    env.close()
     return out
 
 
@@ -180,21 +207,27 @@ class ChunkQueue(gymnasium.Wrapper):
     def __init__(self, env):
         super().__init__(env)
         self.queue: list[np.ndarray] = []
+        self.executed: list[
+            np.ndarray
+        ] = []  # this episode's actions (not part of the reference; for step_costs)
 
     def reset(self, **kwargs):
         self.queue.clear()
+        self.executed = []
         return self.env.reset(**kwargs)
 
     def step(self, chunk):
         if not self.queue:
             self.queue.extend(chunk)
-        return self.env.step(self.queue.pop(0))
+        action = self.queue.pop(0)
+        self.executed.append(action)
+        return self.env.step(action)
 
 
 def reference_way(env, sample_one, episodes: int, seed: int, progress: bool) -> dict:
     """One episode at a time, a policy call at every step; returns outcomes and counts."""
     rng = jax.random.PRNGKey(seed)
-    successes, lengths, returns, calls = [], [], [], 0
+    successes, lengths, returns, calls, trajectories = [], [], [], 0, []
     start = time.perf_counter()
     for j in _maybe_tqdm(range(episodes), progress, "reference"):
         s = episode_seed(seed, j)
@@ -212,11 +245,19 @@ def reference_way(env, sample_one, episodes: int, seed: int, progress: bool) -> 
             for k, v in {**transition, "done": done, "info": info}.items():
                 traj[k].append(v)
             obs = next_obs
+        trajectories.append((s, env.executed))
         successes.append(bool(info["success"]))
         lengths.append(info["episode"]["length"])
         returns.append(info["episode"]["return"])
     wall = time.perf_counter() - start
-    return {"wall": wall, "successes": successes, "lengths": lengths, "returns": returns, "calls": calls}
+    return {
+        "wall": wall,
+        "successes": successes,
+        "lengths": lengths,
+        "returns": returns,
+        "calls": calls,
+        "trajectories": trajectories,
+    }
 
 
 def _maybe_tqdm(iterable, enabled: bool, desc: str):
@@ -247,7 +288,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--policy", default=None, help="a trained policy.msgpack instead of the random flow policy"
     )
-    parser.add_argument("--plain-env", action="store_true", help="(b) steps the gymnasium env itself, no fast_env")
+    parser.add_argument(
+        "--plain-env", action="store_true", help="(b) steps the gymnasium env itself, no fast_env"
+    )
     parser.add_argument(
         "--no-pipeline",
         action="store_true",
@@ -310,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu_a = cpu_seconds([]) - cpu_start
     env.close()
 
-    costs = step_costs(env_id)
+    costs = step_costs(env_id, ref["trajectories"])
     s = result.summary
     print(
         line(
