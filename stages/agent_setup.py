@@ -62,19 +62,19 @@ def run_spec(params: Params, name: str, task: str, obs_dim: int, action_dim: int
         raise ValueError(f"unknown agent {name!r}; choose from {list(AGENT_NAMES)}")
     resolved = resolve_agent(params, task)
     net = params.networks
-    common = dict(
-        obs_dim=obs_dim,
-        action_dim=action_dim,
-        h=resolved.h,
-        flow_steps=params.flow.steps,
-        actor_hidden=tuple(net.actor),
-        actor_layer_norm=net.actor_layer_norm,
-        lr=resolved.lr,
-        batch_size=resolved.batch_size,
-        discount=resolved.discount,
-    )
-    critic = dict(critic_hidden=tuple(net.critic), ensemble=net.ensemble, critic_layer_norm=net.critic_layer_norm,
-                  tau=resolved.tau)
+    common = {
+        "obs_dim": obs_dim,
+        "action_dim": action_dim,
+        "h": resolved.h,
+        "flow_steps": params.flow.steps,
+        "actor_hidden": tuple(net.actor),
+        "actor_layer_norm": net.actor_layer_norm,
+        "lr": resolved.lr,
+        "batch_size": resolved.batch_size,
+        "discount": resolved.discount,
+    }
+    critic = {"critic_hidden": tuple(net.critic), "ensemble": net.ensemble, "critic_layer_norm": net.critic_layer_norm,
+                  "tau": resolved.tau}
     reversal, refresh_every = _reversal(params, name)
     if name.startswith("rql"):
         algorithm = "rql"

@@ -180,10 +180,10 @@ def main(argv: list[str]) -> None:
     comparison = figures.save_png(figures.agent_comparison(evals, paper), fig_dir / "success_by_agent.png")
     sections.append(Section(
         "Success rate",
-        paragraphs=["Final evaluation of each run's evaluated policy (RQL, BC-flow: the EMA flow actor; FQL: its "
+        paragraphs=[("Final evaluation of each run's evaluated policy (RQL, BC-flow: the EMA flow actor; FQL: its "
                     "one-step policy) over the configured episodes. Cells: mean over seeds [95% interval] (n seeds); "
                     "with one seed the interval is the Wilson interval over its episodes. Paper columns: published "
-                    "success (%) where the task is in the paper (RQL: 4 seeds; FQL: 12 seeds, 1M steps)."],
+                    "success (%) where the task is in the paper (RQL: 4 seeds; FQL: 12 seeds, 1M steps).")],
         tables=[success_table(evals, agents)],
         figures=[Figure(comparison, "Final success per task and agent; stars: the paper's numbers.")],
     ))
@@ -218,9 +218,9 @@ def main(argv: list[str]) -> None:
         reversal_tables.append(modes)
     if reversal_figures or reversal_tables:
         sections.append(Section("Flow reversal", paragraphs=[
-            "Online reversal (the paper) reverses every batch through the current actor; the cache holds the "
+            ("Online reversal (the paper) reverses every batch through the current actor; the cache holds the "
             "reversal through the BC prior (optionally refreshed from the current actor). Round-trip error: max "
-            "|sampler(x_0) - chunk| per chunk."], tables=reversal_tables, figures=reversal_figures))
+            "|sampler(x_0) - chunk| per chunk.")], tables=reversal_tables, figures=reversal_figures))
 
     times = summaries[["agent", "task", "seed", "steps", "reversal", "wall_time_s", "steps_per_second",
                        "resumed_from", "platform"]].merge(evals[["agent", "task", "seed", "eval_time_s"]],

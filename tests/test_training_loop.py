@@ -96,10 +96,9 @@ def test_resume_from_a_checkpoint_ends_exactly_where_an_uninterrupted_run_does(t
         if step == 8:
             raise Interrupt
 
-    with checkpoints.TrainCheckpointer(tmp_path / "ckpt", save_every=6) as manager:
-        with pytest.raises(Interrupt):
-            training_loop.run(bc_flow.init(config, jax.random.PRNGKey(3)), data, update, schedule,
-                              checkpointer=manager, on_metrics=stop_after_first_checkpoint, progress=False)
+    with checkpoints.TrainCheckpointer(tmp_path / "ckpt", save_every=6) as manager, pytest.raises(Interrupt):
+        training_loop.run(bc_flow.init(config, jax.random.PRNGKey(3)), data, update, schedule,
+                          checkpointer=manager, on_metrics=stop_after_first_checkpoint, progress=False)
     with checkpoints.TrainCheckpointer(tmp_path / "ckpt", save_every=6) as manager:
         state, step = manager.resume(bc_flow.init(config, jax.random.PRNGKey(99)))
         assert step == 6
