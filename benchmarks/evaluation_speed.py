@@ -132,43 +132,48 @@ def step_costs(env_id: str, trajectories: list[tuple[int, list[np.ndarray]]], ma
 
     from stages.core.fast_env import PlainStepper, make_stepper
 
-    used, total = [], 0
+    episodes, total = [], 0
     for seed, actions in trajectories:  # whole episodes, up to about max_steps steps
         if total >= max_steps:
             break
-        used.append((seed, actions))
+        episodes.append((seed, actions))
         total += len(actions)
 
-    def timed(stepper, per_step) -> float:
+    def per_step_seconds(stepper, episodes, step) -> float:
+        """Reset to each episode's seed, then time `step` on each of its items."""
         elapsed = 0.0
-        for seed, items in used:
+        for seed, items in episodes:
             stepper.reset(seed)
             start = time.perf_counter()
             for item in items:
-                per_step(item)
+                step(item)
             elapsed += time.perf_counter() - start
         return elapsed / total
 
-    out = {}
     env = gymnasium.make(env_id)
-    out["plain"] = timed(plain := PlainStepper(env), plain.step)
+    plain = PlainStepper(env)
+    out = {"plain": per_step_seconds(plain, episodes, plain.step)}
     env.close()
 
     env = gymnasium.make(env_id)
     u, fast = env.unwrapped, make_stepper(env, fast=True)
-    out["fast"] = timed(fast, fast.step)
-    controls = []  # the controls the fast stepper applies on these episodes, for the physics-alone replay
-    for seed, actions in used:
+    out["fast"] = per_step_seconds(fast, episodes, fast.step)
+
+    controls = []  # the controls the fast stepper applies on these episodes (an untimed replay)
+    for seed, actions in episodes:
         fast.reset(seed)
-        controls.append([(fast.step(a), u._data.ctrl.copy())[1] for a in actions])
+        episode = []
+        for action in actions:
+            fast.step(action)
+            episode.append(u._data.ctrl.copy())
+        controls.append((seed, episode))
 
     def physics(ctrl) -> None:
         u._data.ctrl[:] = ctrl
         mujoco.mj_step(u._model, u._data, nstep=u._n_steps)
         mujoco.mj_rnePostConstraint(u._model, u._data)
 
-    used = [(seed, episode) for (seed, _), episode in zip(used, controls, strict=True)]
-    out["physics"] = timed(fast, physics)
+    out["physics"] = per_step_seconds(fast, controls, physics)
     env.close()
     return out
 
@@ -207,9 +212,8 @@ class ChunkQueue(gymnasium.Wrapper):
     def __init__(self, env):
         super().__init__(env)
         self.queue: list[np.ndarray] = []
-        self.executed: list[
-            np.ndarray
-        ] = []  # this episode's actions (not part of the reference; for step_costs)
+        # this episode's actions: not part of the reference, kept for step_costs' replay
+        self.executed: list[np.ndarray] = []
 
     def reset(self, **kwargs):
         self.queue.clear()
