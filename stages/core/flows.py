@@ -26,8 +26,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from stages.core import xla_setup  # noqa: F401  (XLA flags, before the backend starts)
-
 Velocity = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 REVERSAL_METHODS = ("euler", "exact")

@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stages.core import xla_setup  # noqa: F401  (XLA flags, before the backend starts)
-
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
     """Kernel initialiser of the reference: variance scaling, fan_avg, uniform."""
