@@ -73,8 +73,12 @@ def run_spec(params: Params, name: str, task: str, obs_dim: int, action_dim: int
         "batch_size": resolved.batch_size,
         "discount": resolved.discount,
     }
-    critic = {"critic_hidden": tuple(net.critic), "ensemble": net.ensemble, "critic_layer_norm": net.critic_layer_norm,
-                  "tau": resolved.tau}
+    critic = {
+        "critic_hidden": tuple(net.critic),
+        "ensemble": net.ensemble,
+        "critic_layer_norm": net.critic_layer_norm,
+        "tau": resolved.tau,
+    }
     reversal, refresh_every = _reversal(params, name)
     if name.startswith("rql"):
         algorithm = "rql"
