@@ -14,7 +14,6 @@ from stages import cli, layout
 from stages.params import env_for_task
 
 log = logging.getLogger("stages.evaluate")
-EVAL_SEED = 1_000_000  # evaluation episodes are seeded apart from training (train-time evaluation uses the same)
 GIF_FRAME_SKIP = 2
 
 
@@ -32,7 +31,7 @@ def main(argv: list[str]) -> None:
     e = params.evaluate
     result = rollout.evaluate(
         make_policy(algorithm, config, loaded.params), env_for_task(args.task), episodes=e.episodes,
-        seed=EVAL_SEED + args.seed, num_envs=min(e.envs, e.episodes), workers=min(e.workers, e.envs),
+        seed=rollout.EVAL_SEED + args.seed, num_envs=min(e.envs, e.episodes), workers=min(e.workers, e.envs),
         video_episodes=1 if e.video else 0, frame_skip=GIF_FRAME_SKIP, progress=not args.no_progress,
     )
     s = result.summary

@@ -17,7 +17,6 @@ import shutil
 import time
 
 from stages import cli, layout
-from stages.evaluate import EVAL_SEED
 from stages.params import env_for_task
 
 log = logging.getLogger("stages.train")
@@ -121,7 +120,7 @@ def main(argv: list[str]) -> None:
 
         def on_eval(step: int, current) -> None:
             policy = make_policy(spec.algorithm, config, module.policy_params(current))
-            result = evaluator.run(policy, episodes=t.eval_episodes, seed=EVAL_SEED + args.seed)
+            result = evaluator.run(policy, episodes=t.eval_episodes, seed=rollout.EVAL_SEED + args.seed)
             s = result.summary
             log.info("step %d: success %.1f%% over %d episodes", step, 100 * s.success_rate, s.episodes)
             live.step = step

@@ -65,6 +65,8 @@ Policy = Callable[[np.ndarray, Any], Any]
 KeyMode = Literal["call", "row"]
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+EVAL_SEED = 1_000_000  # base seed of evaluation episodes (run seed added), apart from training seeds; the evaluate
+# stage and the evaluations during training use the same episodes
 
 
 # --------------------------------------------------------------------------------------------------------------------
