@@ -1,4 +1,9 @@
-"""What every stage's ``main`` shares: logging set-up, device choice, and errors as one clear line + exit code 1."""
+"""What every stage's ``main`` shares: logging set-up, device choice, and errors as one clear line + exit code 1.
+
+Importing this module applies the project's XLA flags (stages.core.xla_setup) before anything can start JAX, so
+every stage runs with them. :func:`select_device` also turns on JAX's persistent compilation cache, so the train
+stages of a study (which compile the same update) and the evaluate stages compile once per machine.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,17 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stages.core import xla_setup  # noqa: F401  (before JAX starts: its flags only act on a new backend)
+
 log = logging.getLogger("stages")
+COMPILATION_CACHE_ENV = "RQL_JAX_CACHE"  # a folder, or "off"; default: .cache/jax in the repository
+COMPILATION_CACHE_MIN_SECONDS = 0.2  # compilations faster than this are not worth a cache entry
 
 
 def setup_logging() -> None:
@@ -27,6 +37,7 @@ def select_device(device: str) -> str:
 
     if device == "cpu":
         jax.config.update("jax_platforms", "cpu")
+    enable_compilation_cache(jax)
     platform = jax.default_backend()
     if device == "gpu" and platform not in ("gpu", "cuda", "rocm"):
         raise RuntimeError(
@@ -34,6 +45,28 @@ def select_device(device: str) -> str:
             "(`make setup EXTRAS=cuda`) or set train.device: auto"
         )
     return platform
+
+
+def compilation_cache_dir(environ=os.environ) -> Path | None:
+    """Where JAX keeps compiled programs across processes: $RQL_JAX_CACHE ("off": nowhere), else .cache/jax in
+    the repository (DVC runs every stage from the repository root and sets DVC_ROOT)."""
+    setting = environ.get(COMPILATION_CACHE_ENV, "")
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return Path(setting).absolute()
+    return Path(environ.get("DVC_ROOT") or ".").absolute() / ".cache" / "jax"
+
+
+def enable_compilation_cache(jax) -> None:
+    """Turn on JAX's persistent compilation cache (compiled programs are keyed by program, flags and versions, so
+    results are the same with or without it)."""
+    folder = compilation_cache_dir()
+    if folder is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILATION_CACHE_MIN_SECONDS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def stage_args(module: str, doc: str, argv: list[str], *, per_run: bool):
@@ -61,20 +94,40 @@ def stage_args(module: str, doc: str, argv: list[str], *, per_run: bool):
 
 def write_json(path: Path, payload: Any) -> None:
     """Write ``payload`` as sorted, indented JSON atomically (temp file + rename)."""
-    from stages.core.checkpoints import atomic_write_bytes
+    from stages.core.files import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (also sent when the ``dvc`` that started the stage dies): unwind so temporaries are removed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    """Run a stage's ``main(argv)``; any exception becomes one 'error:' line on stderr and exit code 1."""
+    """Run a stage's ``main(argv)``; any exception becomes one 'error:' line on stderr and exit code 1.
+
+    Under ``dvc repro`` (DVC_ROOT set) the stage gets SIGTERM when ``dvc`` dies, so no orphan keeps writing outputs
+    that a new ``dvc repro`` checks out; SIGTERM unwinds like Ctrl-C (temporary files are removed, exit 143).
+    """
+    from stages.core.parent_watch import die_with_parent
+
     setup_logging()
     os.environ.setdefault("MUJOCO_GL", "egl")
+    signal.signal(signal.SIGTERM, _terminate)
+    if os.environ.get("DVC_ROOT"):
+        die_with_parent(signal.SIGTERM)
     try:
         main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise SystemExit(143)
     except Exception as exc:  # the whole message, not a traceback, is what a user needs
         if os.environ.get("RQL_TRACEBACK"):
             raise

@@ -3,11 +3,14 @@
     python -m stages.download [--params params.yaml] [--out data/datasets] [--ogbench-dir ~/.ogbench/data]
 
 For each dataset (`data.source`):
-- download: copied from `--ogbench-dir` (OGBench's own download folder) when both files are there, else fetched with
-  OGBench's `download_datasets`;
-- generate: built with OGBench's scripted oracles (stages.core.ogbench_generate), seeded, in `data.workers` processes;
-- auto: download, and when that fails (offline) generate instead, saying so. Expert-policy datasets (antmaze,
-  humanoidmaze, antsoccer) cannot be generated: offline they fail with an error saying what to do.
+- download (`data.episodes: null` only: OGBench's published datasets): copied from `--ogbench-dir` (OGBench's own
+  download folder, outside the repository: a warning says so and the manifest records it) when both files are
+  there, else fetched with OGBench's `download_datasets`;
+- generate: built with OGBench's scripted oracles (stages.core.ogbench_generate), seeded, in `data.workers`
+  processes, with `data.episodes` episodes (null: OGBench's own count);
+- auto: with `data.episodes: null` download, and when that fails (offline) generate OGBench's size instead, saying
+  so; with a number, generate. Expert-policy datasets (antmaze, humanoidmaze, antsoccer) cannot be generated:
+  offline they fail with an error saying what to do.
 Outputs, in OGBench's own names and format: `<dataset>.npz`, `<dataset>-val.npz` (100m datasets: a folder of
 `<stem>-NNN.npz` / `<stem>-NNN-val.npz`), and `manifest.json` (source, episodes, seed, sha256 of every file, ogbench
 and mujoco versions), written last. Every file is validated, written under a temporary name and renamed.
@@ -169,8 +172,9 @@ def download_dataset(plan: DatasetPlan, out: Path, ogbench_dir: Path, download: 
         download([Path(train).name.removesuffix(".npz")], folder, base_url)
         downloaded += 1
     if copied:
-        log.info(
-            "%s: %d of %d file pairs copied from %s", plan.dataset, copied, len(plan.file_pairs), ogbench_dir
+        log.warning(
+            "%s: %d of %d file pairs COPIED FROM %s, outside the repository (OGBench's download folder; DVC tracks "
+            "the copies in %s, not that folder)", plan.dataset, copied, len(plan.file_pairs), ogbench_dir, out
         )
     return "download" if downloaded else "ogbench-dir"
 
@@ -183,12 +187,12 @@ def download_dataset(plan: DatasetPlan, out: Path, ogbench_dir: Path, download: 
 def generate_dataset(plan: DatasetPlan, data: DataParams, out: Path) -> Recipe:
     """Build every file pair of the dataset with OGBench's oracles; file k of a large dataset uses shard index k."""
     recipe = recipe_for_dataset(plan.dataset, episode_steps=data.episode_steps)
-    val_episodes = data.val_episode_count
+    episodes, val_episodes = data.episode_counts(recipe.ogbench_episodes)
     log.info(
         "%s: generating %d train + %d val episodes of %d steps per file (%d file pair%s; OGBench: %d episodes) "
         "in %d processes, seed %d",
         plan.dataset,
-        data.episodes,
+        episodes,
         val_episodes,
         recipe.episode_steps,
         len(plan.file_pairs),
@@ -206,7 +210,7 @@ def generate_dataset(plan: DatasetPlan, data: DataParams, out: Path) -> Recipe:
 
         splits = generate_splits(
             recipe,
-            episodes=data.episodes,
+            episodes=episodes,
             val_episodes=val_episodes,
             seed=data.seed,
             shard=shard,
@@ -270,10 +274,13 @@ def obtain_dataset(
     plan: DatasetPlan, data: DataParams, out: Path, ogbench_dir: Path, download: Downloader
 ) -> dict[str, Any]:
     """Download or generate one dataset into `out`, validate it; its manifest entry."""
-    if data.source in ("auto", "download"):
+    if data.wants_download:
         try:
             source = download_dataset(plan, out, ogbench_dir, download)
-            return {"source": source, "files": describe_files(plan, out, episode_length=None)}
+            entry = {"source": source, "files": describe_files(plan, out, episode_length=None)}
+            if source == "ogbench-dir":
+                entry["copied_from"] = str(ogbench_dir)
+            return entry
         except NETWORK_ERRORS as error:
             remove_dataset_files(out, plan)
             if data.source == "download":
@@ -292,11 +299,12 @@ def obtain_dataset(
             remove_dataset_files(out, plan)  # a corrupt download must not stay behind looking complete
             raise
     recipe = generate_dataset(plan, data, out)
+    episodes, val_episodes = data.episode_counts(recipe.ogbench_episodes)
     return {
         "source": "generate",
         "seed": data.seed,
-        "episodes": data.episodes,
-        "val_episodes": data.val_episode_count,
+        "episodes": episodes,
+        "val_episodes": val_episodes,
         "recipe": recipe.as_dict(),
         "files": describe_files(plan, out, episode_length=recipe.episode_steps),
     }

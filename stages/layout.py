@@ -1,5 +1,6 @@
 """Where every stage reads and writes, relative to the repository root (the one place that knows ``data/``).
 
+    data/params.json                                                    validate (the resolved params)
     data/datasets/<dataset>.npz, <dataset>-val.npz, manifest.json      download
     data/priors/<task>/policy.msgpack, prior.json                       prior
     data/reversed/<task>/part-*.parquet, manifest.json                  reverse
@@ -15,6 +16,7 @@ from pathlib import Path
 
 DATA = Path("data")
 DATASETS = DATA / "datasets"
+RESOLVED_PARAMS = DATA / "params.json"
 REPORTS = Path("reports")
 
 

@@ -15,6 +15,7 @@ flag follows the reference's rule by environment family: sparse rewards for scen
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -298,7 +299,9 @@ class DataParams(_Section):
     """`download` stage: where datasets come from and how generated ones are sized."""
 
     source: Literal["auto", "download", "generate"]
-    episodes: PositiveInt  # training episodes per generated dataset (per file for 100m datasets)
+    # None: OGBench's published dataset (downloaded; offline, generated at OGBench's size). A number: a dataset
+    # generated with that many training episodes (per file for 100m datasets), never a download.
+    episodes: PositiveInt | None
     val_episodes: PositiveInt | None  # None: max(1, episodes // 10)
     workers: PositiveInt  # generation processes
     seed: NonNegativeInt
@@ -309,8 +312,14 @@ class DataParams(_Section):
     shards: _int(ge=1, le=100) = 100  # 100m datasets only: 1M-transition files to download or generate
 
     @property
-    def val_episode_count(self) -> int:
-        return self.val_episodes if self.val_episodes is not None else max(1, self.episodes // 10)
+    def wants_download(self) -> bool:
+        """Whether the datasets are OGBench's published ones (downloaded) rather than generated here."""
+        return self.source == "download" or (self.source == "auto" and self.episodes is None)
+
+    def episode_counts(self, ogbench_episodes: int) -> tuple[int, int]:
+        """(train, val) episodes of a generated dataset whose OGBench original has ``ogbench_episodes``."""
+        episodes = self.episodes if self.episodes is not None else ogbench_episodes
+        return episodes, self.val_episodes if self.val_episodes is not None else max(1, episodes // 10)
 
 
 class FlowParams(_Section):
@@ -488,14 +497,15 @@ def consistency_errors(params: Params) -> list[str]:
     errors = []
     train, data = params.train, params.data
     refreshing = "rql_refresh" in params.agents.rql_cached
-    if train.refresh_every > 0 and not refreshing:
-        errors.append(
-            f"train.refresh_every: only the rql_refresh agent refreshes its cache, and agents.rql_cached does not "
-            f"list it (got refresh_every={train.refresh_every}; set it to 0 or add rql_refresh)"
-        )
     if refreshing and train.refresh_every == 0:
         errors.append("train.refresh_every: the rql_refresh agent needs refresh_every > 0 (got 0)")
-    if train.refresh_every and train.checkpoint_every % train.refresh_every:
+    if data.source == "download" and data.episodes is not None:
+        errors.append(
+            f"data.episodes: source download brings OGBench's published datasets, whose size is OGBench's; "
+            f"got episodes={data.episodes} (set episodes: null to download, or source: auto/generate to generate "
+            f"{data.episodes} episodes)"
+        )
+    if refreshing and train.refresh_every and train.checkpoint_every % train.refresh_every:
         errors.append(
             f"train.checkpoint_every: must be a multiple of train.refresh_every={train.refresh_every} so that a "
             f"resumed run rebuilds the same cache (got {train.checkpoint_every})"
@@ -519,10 +529,11 @@ def consistency_errors(params: Params) -> list[str]:
         )
     for i, task in enumerate(params.tasks):
         spec = parse_task(task)
-        if spec.needs_expert_weights and data.source == "generate":
+        if spec.needs_expert_weights and not data.wants_download:
             errors.append(
-                f"data.source: generate cannot build {spec.dataset} needed by tasks[{i}] ({task}): OGBench made it "
-                f"with expert policies whose weights are only on the OGBench server; use source: auto or download"
+                f"data: {spec.dataset} (tasks[{i}], {task}) cannot be generated here: OGBench made it with expert "
+                f"policies whose weights are only on the OGBench server; download it (data.episodes: null, "
+                f"source: auto or download)"
             )
         h = resolve_agent(params, task).h
         if data.episode_steps is not None and data.episode_steps - 1 < h:
@@ -531,6 +542,17 @@ def consistency_errors(params: Params) -> list[str]:
                 f"transitions, fewer than the action chunk h={h} of tasks[{i}] ({task})"
             )
     return errors
+
+
+def consistency_warnings(params: Params) -> list[str]:
+    """`key: note` lines for settings that no configured agent or stage reads (harmless, but likely a slip)."""
+    notes = []
+    if params.train.refresh_every > 0 and "rql_refresh" not in params.agents.rql_cached:
+        notes.append(
+            f"train.refresh_every={params.train.refresh_every} is not used: no configured agent refreshes its "
+            f"cache (only rql_refresh does)"
+        )
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -599,6 +621,8 @@ def validate_params(raw: Any, source: str = "params") -> Params:
     errors = consistency_errors(params)
     if errors:
         raise ParamsError(_format_errors(source, errors))
+    for note in consistency_warnings(params):
+        logging.getLogger("stages.params").warning("%s: %s", source, note)
     return params
 
 

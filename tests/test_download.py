@@ -1,5 +1,6 @@
 """The download stage end to end: generation, OGBench's downloader (offline here), fallbacks, manifest, failures."""
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -138,17 +139,43 @@ def test_another_seed_gives_other_files(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_auto_falls_back_to_generation_when_offline_and_says_so(tmp_path, caplog):
+@pytest.fixture
+def small_ogbench_size(monkeypatch):
+    """OGBench's own episode count of every dataset made 2, so generating 'OGBench's size' stays fast."""
+    real = download.recipe_for_dataset
+    monkeypatch.setattr(download, "recipe_for_dataset",
+                        lambda name, **kw: dataclasses.replace(real(name, **kw), ogbench_episodes=2))
+
+
+def test_auto_falls_back_to_generation_when_offline_and_says_so(tmp_path, caplog, small_ogbench_size):
     caplog.set_level(logging.INFO, logger="stages.download")
     manifest = download.run(
-        params_of(tmp_path, source="auto"), tmp_path / "out", tmp_path / "none", download=offline
+        params_of(tmp_path, source="auto", episodes=None), tmp_path / "out", tmp_path / "none", download=offline
     )
     assert manifest["datasets"][MAZE]["source"] == "generate"
+    assert (manifest["datasets"][MAZE]["episodes"], manifest["datasets"][MAZE]["val_episodes"]) == (2, 1)
     assert "offline, generating with OGBench's oracles instead" in caplog.text
     assert "Name or service not known" in caplog.text
 
 
-def test_the_default_downloader_is_ogbench_s_own(tmp_path, monkeypatch, caplog):
+def test_auto_with_an_episode_count_generates_without_looking_elsewhere(tmp_path, maze_splits):
+    """A number of episodes asks for a generated dataset: no download, no copy from OGBench's folder."""
+    ogbench_dir = tmp_path / "ogbench"
+    FakeServer(maze_splits)([MAZE], ogbench_dir, "")
+    server = FakeServer(maze_splits)
+    manifest = download.run(params_of(tmp_path, source="auto", episodes=3), tmp_path / "out", ogbench_dir,
+                            download=server)
+    assert server.calls == []
+    entry = manifest["datasets"][MAZE]
+    assert (entry["source"], entry["episodes"]) == ("generate", 3) and "copied_from" not in entry
+
+
+def test_download_with_an_episode_count_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="data.episodes: source download brings OGBench's published datasets"):
+        params_of(tmp_path, source="download", episodes=3)
+
+
+def test_the_default_downloader_is_ogbench_s_own(tmp_path, monkeypatch, caplog, small_ogbench_size):
     """With the network cut at urlopen, OGBench's download_datasets is what asks for the file, at OGBench's URL."""
     requested = []
 
@@ -157,7 +184,7 @@ def test_the_default_downloader_is_ogbench_s_own(tmp_path, monkeypatch, caplog):
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    download.run(params_of(tmp_path, source="auto"), tmp_path / "out", tmp_path / "none")
+    download.run(params_of(tmp_path, source="auto", episodes=None), tmp_path / "out", tmp_path / "none")
     assert requested == [f"{download.OGBENCH_URL}/{MAZE}.npz"]
     assert "offline, generating with OGBench's oracles instead" in caplog.text
 
@@ -165,7 +192,7 @@ def test_the_default_downloader_is_ogbench_s_own(tmp_path, monkeypatch, caplog):
 def test_download_source_fetches_and_validates(tmp_path, maze_splits):
     server = FakeServer(maze_splits)
     manifest = download.run(
-        params_of(tmp_path, source="download"), tmp_path / "out", tmp_path / "none", download=server
+        params_of(tmp_path, source="download", episodes=None), tmp_path / "out", tmp_path / "none", download=server
     )
     assert server.calls == [([MAZE], tmp_path / "out", download.OGBENCH_URL)]
     entry = manifest["datasets"][MAZE]
@@ -182,7 +209,7 @@ def test_large_datasets_download_each_file_from_its_folder(tmp_path, maze_splits
     task = "puzzle-4x4-play-100m-singletask-task1-v0"
     out = tmp_path / "out"
     manifest = download.run(
-        params_of(tmp_path, tasks=[task], source="download", shards=2),
+        params_of(tmp_path, tasks=[task], source="download", episodes=None, shards=2),
         out,
         tmp_path / "none",
         download=server,
@@ -224,9 +251,10 @@ def test_files_in_the_ogbench_folder_are_used_before_downloading(tmp_path, maze_
     FakeServer(maze_splits)([MAZE], ogbench_dir, "")
     server = FakeServer(maze_splits)
     manifest = download.run(
-        params_of(tmp_path, source="download"), tmp_path / "out", ogbench_dir, download=server
+        params_of(tmp_path, source="download", episodes=None), tmp_path / "out", ogbench_dir, download=server
     )
     assert server.calls == [] and manifest["datasets"][MAZE]["source"] == "ogbench-dir"
+    assert manifest["datasets"][MAZE]["copied_from"] == str(ogbench_dir)
     assert (tmp_path / "out" / f"{MAZE}.npz").read_bytes() == (ogbench_dir / f"{MAZE}.npz").read_bytes()
 
 
@@ -239,7 +267,8 @@ def test_expert_datasets_offline_fail_with_what_to_do(tmp_path, monkeypatch, cap
     monkeypatch.setattr(
         urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x"))
     )
-    params = tiny_params(tmp_path, tasks=["antmaze-large-navigate-singletask-task1-v0"], source="auto")
+    params = tiny_params(tmp_path, tasks=["antmaze-large-navigate-singletask-task1-v0"], source="auto",
+                         episodes=None)
     out = tmp_path / "out"
     assert (
         download.main(["--params", str(params), "--out", str(out), "--ogbench-dir", str(tmp_path / "none")])
@@ -253,7 +282,8 @@ def test_expert_datasets_offline_fail_with_what_to_do(tmp_path, monkeypatch, cap
 def test_download_source_offline_is_an_error(tmp_path):
     with pytest.raises(download.StageError, match=f"{MAZE}: download failed .*data.source: auto or generate"):
         download.run(
-            params_of(tmp_path, source="download"), tmp_path / "out", tmp_path / "none", download=offline
+            params_of(tmp_path, source="download", episodes=None), tmp_path / "out", tmp_path / "none",
+            download=offline,
         )
 
 
@@ -261,7 +291,7 @@ def test_a_corrupt_download_is_named_and_removed(tmp_path, maze_splits):
     out = tmp_path / "out"
     with pytest.raises(DatasetFileError, match=rf"{MAZE}\.npz: truncated or corrupt npz"):
         download.run(
-            params_of(tmp_path, source="auto"),
+            params_of(tmp_path, source="auto", episodes=None),
             out,
             tmp_path / "none",
             download=FakeServer(maze_splits, truncate=True),

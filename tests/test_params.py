@@ -49,7 +49,7 @@ def test_default_params_file_is_valid():
     params = load_params(ROOT / "params.yaml")
     assert params.tasks == ["cube-single-play-singletask-task2-v0"]
     assert params.data.source == "auto"
-    assert params.data.val_episode_count == params.data.episodes // 10
+    assert params.data.episode_counts(1000) == (params.data.episodes, params.data.episodes // 10)
 
 
 @pytest.mark.parametrize(
@@ -175,11 +175,6 @@ def test_missing_keys_are_named(raw):
 @pytest.mark.parametrize(
     "changes, key, fragment",
     [
-        (
-            {"train": {"refresh_every": 1000}, "agents": {"rql_cached": ["rql_cached"]}},
-            "train.refresh_every",
-            "add rql_refresh",
-        ),
         ({"train": {"refresh_every": 0}}, "train.refresh_every", "rql_refresh agent needs refresh_every > 0"),
         ({"train": {"checkpoint_every": 7500}}, "train.checkpoint_every", "multiple of train.refresh_every=5000"),
         ({"prior": {"steps": 150}}, "prior.steps", "multiple of train.updates_per_call=100"),
@@ -187,15 +182,31 @@ def test_missing_keys_are_named(raw):
         ({"evaluate": {"workers": 30, "envs": 25}}, "evaluate.workers", "workers=30 > envs=25"),
         (
             {"tasks": ["antmaze-large-navigate-singletask-task1-v0"], "data": {"source": "generate"}},
-            "data.source",
+            "data",
             "expert policies whose weights are only on the OGBench server",
         ),
+        (
+            {"tasks": ["antmaze-large-navigate-singletask-task1-v0"], "data": {"source": "auto", "episodes": 10}},
+            "data",
+            "download it (data.episodes: null",
+        ),
+        ({"data": {"source": "download", "episodes": 10}}, "data.episodes", "set episodes: null to download"),
         ({"data": {"episode_steps": 5}}, "data.episode_steps", "fewer than the action chunk h=5"),
     ],
 )
 def test_inconsistent_settings_name_their_key(raw, changes, key, fragment):
     message = error_of(with_changes(raw, **changes))
     assert f"- {key}: " in message and fragment in message
+
+
+def test_switching_a_group_off_takes_one_change_and_warns_about_the_unused_period(raw, caplog):
+    """agents.rql_cached=[] alone is valid: train.refresh_every, which only rql_refresh reads, gets a warning."""
+    params = validate_params(with_changes(raw, agents={"rql_cached": []}))
+    assert params.agents.rql_cached == [] and params.train.refresh_every == 5000
+    assert "train.refresh_every=5000 is not used: no configured agent refreshes its cache" in caplog.text
+    caplog.clear()
+    validate_params(raw)
+    assert "is not used" not in caplog.text
 
 
 def test_consistent_variants_are_accepted(raw):
@@ -257,7 +268,8 @@ def test_tasks_without_preset_get_the_documented_default(raw):
 
 def test_explicit_values_override_the_preset_and_named_presets_apply_to_all(raw):
     task = "humanoidmaze-medium-navigate-singletask-task1-v0"
-    params = validate_params(with_changes(raw, tasks=[task], agent={"alpha": 0.7, "preset": "auto"}))
+    params = validate_params(with_changes(raw, tasks=[task], agent={"alpha": 0.7, "preset": "auto"},
+                                          data={"episodes": None}))
     agent = resolve_agent(params, task)
     assert agent.alpha == 0.7 and agent.discount == 0.995 and agent.rho == 0.0 and agent.h == 1
     named = validate_params(with_changes(raw, agent={"preset": "scene-play"}))

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Self, TypeVar
@@ -38,6 +37,8 @@ import jax
 import msgpack
 import numpy as np
 import orbax.checkpoint as ocp
+
+from stages.core.files import atomic_write_bytes
 
 State = TypeVar("State")
 
@@ -324,30 +325,6 @@ def encode_policy(params: Any, metadata: Mapping[str, Any]) -> bytes:
     )
     digest = hashlib.sha256(body).digest()
     return _HEADER.pack(POLICY_MAGIC, POLICY_FORMAT_VERSION, len(body), digest) + body
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_policy(path: str | os.PathLike[str], params: Any, metadata: Mapping[str, Any]) -> str:

@@ -1,0 +1,44 @@
+"""Stage ``validate``: params.yaml checked as a whole -> ``data/params.json``, the settings every task resolves to.
+
+    python -m stages.validate
+
+DVC reruns a stage only when the params it declares change, so a misspelt key (``train.stepz``) or an unknown
+section would otherwise pass unnoticed whenever no other stage has to rerun. This stage depends on the whole
+params.yaml file: any edit reruns it, and a bad file fails ``dvc repro`` with the key and the problem. Its output
+(the validated params and each task's effective agent settings, dataset and environment) feeds the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from stages import cli, layout
+from stages.params import load_params, parse_task, resolve_agent
+
+log = logging.getLogger("stages.validate")
+
+
+def resolved(params) -> dict:
+    """The validated params and, per task, what the stages will use (presets applied)."""
+    tasks = {}
+    for task in params.tasks:
+        spec = parse_task(task)
+        tasks[task] = {"dataset": spec.dataset, "env": spec.env, "family": spec.family,
+                       "agent": dataclasses.asdict(resolve_agent(params, task))}
+    return {"params": params.model_dump(mode="json"), "tasks": tasks, "runs": params.agents.runs}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__.strip().split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    cli.write_json(layout.RESOLVED_PARAMS, resolved(params))
+    log.info("%s is valid: %d tasks x %d seeds x %d runs -> %s", args.params, len(params.tasks),
+             len(params.seeds), len(params.agents.runs), layout.RESOLVED_PARAMS)
+
+
+if __name__ == "__main__":
+    cli.run(main)
