@@ -71,7 +71,12 @@ def roundtrip_summary(errors: np.ndarray, method: str, bins: int = 30) -> dict:
 
 
 def drift_probe(config, data, rows: int, tolerance: float) -> Callable[[Any, Any], dict[str, float]]:
-    """A function ``(actor_params, data) -> drift metrics`` on a fixed random subset of ``rows`` cache rows."""
+    """A function ``(actor_params, data) -> drift metrics`` on a fixed random subset of ``rows`` cache rows.
+
+    The metrics are those of :func:`stages.core.cache_build.drift` (``cache_drift_median``, ``cache_drift_p90``,
+    ``cache_drift_rel``, ``cache_drift_mean``, ``cache_drift_max``, ``cache_stale_fraction``); ``tolerance`` only
+    sets the last one. The report plots the median, p90 and relative drift (``stages.report.DRIFT_METRICS``).
+    """
     picked = jnp.asarray(np.random.default_rng(0).choice(data.size, size=min(rows, data.size), replace=False))
 
     def probe(actor_params, current_data) -> dict[str, float]:

@@ -63,3 +63,38 @@ def test_drift_is_zero_for_the_actor_the_cache_came_from_and_grows_for_another()
     chunk = batches.chunks_at(data, rows, CONFIG.h, 1.0)
     miss = flows.roundtrip_error(velocity, chunk["observations"], table[:, 0], chunk["actions"], CONFIG.flow_steps)
     np.testing.assert_allclose(other["cache_drift_mean"], float(jnp.mean(miss)), rtol=1e-5)
+
+
+def test_drift_quantiles_and_relative_drift_match_their_definitions_and_keep_moving_past_the_tolerance():
+    data, params = dataset(), actor()
+    cached = data.replace(reversal=cache_build.rebuild(CONFIG, params, data, 8, "exact", 30, 1e-7))
+    rows = jnp.arange(data.size)
+    chunk = np.asarray(batches.chunks_at(cached, rows, CONFIG.h, 1.0)["actions"])
+    observations = batches.chunks_at(cached, rows, CONFIG.h, 1.0)["observations"]
+    fresh = jax.device_get(cache_build.drift(CONFIG, params, cached, rows, 1e-3))
+    assert fresh["cache_drift_rel"] < 1e-4 and fresh["cache_drift_p90"] < 1e-4
+    previous = None
+    for scale in (0.5, 1.0, 2.0):  # actors ever farther from the one the cache came from
+        moved = jax.tree_util.tree_map(lambda p, q, c=scale: p + c * (q - p), params, actor(1))
+        velocity = lambda s, x, t, p=moved: make_actor(CONFIG).apply({"params": p}, s, x, t)
+        miss = np.asarray(flows.euler_sample(velocity, observations, cached.reversal[rows, 0], CONFIG.flow_steps,
+                                             clip=False)) - chunk
+        per_row = np.abs(miss).max(axis=-1)
+        got = jax.device_get(cache_build.drift(CONFIG, moved, cached, rows, 1e-3))
+        np.testing.assert_allclose(got["cache_drift_median"], np.median(per_row), rtol=1e-4)
+        np.testing.assert_allclose(got["cache_drift_p90"], np.quantile(per_row, 0.9), rtol=1e-4)
+        np.testing.assert_allclose(got["cache_drift_rel"], np.sqrt((miss**2).mean() / (chunk**2).mean()), rtol=1e-4)
+        assert got["cache_stale_fraction"] == 1.0  # the old metric is saturated at every one of these actors ...
+        if previous is not None:  # ... while the new ones still order them
+            assert got["cache_drift_median"] > previous["cache_drift_median"]
+            assert got["cache_drift_rel"] > previous["cache_drift_rel"]
+        previous = got
+
+
+def test_the_report_plots_metrics_the_drift_probe_logs():
+    from stages import report
+
+    data, params = dataset(), actor()
+    cached = data.replace(reversal=cache_build.rebuild(CONFIG, params, data, 8, "euler", 1, 1e-6))
+    logged = jax.device_get(cache_build.drift(CONFIG, params, cached, jnp.arange(4), 1e-2))
+    assert set(report.DRIFT_METRICS) <= set(logged)
