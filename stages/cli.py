@@ -107,19 +107,24 @@ def _terminate(signum, frame) -> None:
     raise Terminated(signum)
 
 
+def watch_parent() -> None:
+    """SIGTERM unwinds the stage (like Ctrl-C); under ``dvc`` (DVC_ROOT set) the kernel sends it when dvc dies."""
+    from stages.core.parent_watch import die_with_parent
+
+    signal.signal(signal.SIGTERM, _terminate)
+    if os.environ.get("DVC_ROOT"):
+        die_with_parent(signal.SIGTERM)
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """Run a stage's ``main(argv)``; any exception becomes one 'error:' line on stderr and exit code 1.
 
     Under ``dvc repro`` (DVC_ROOT set) the stage gets SIGTERM when ``dvc`` dies, so no orphan keeps writing outputs
     that a new ``dvc repro`` checks out; SIGTERM unwinds like Ctrl-C (temporary files are removed, exit 143).
     """
-    from stages.core.parent_watch import die_with_parent
-
     setup_logging()
     os.environ.setdefault("MUJOCO_GL", "egl")
-    signal.signal(signal.SIGTERM, _terminate)
-    if os.environ.get("DVC_ROOT"):
-        die_with_parent(signal.SIGTERM)
+    watch_parent()
     try:
         main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:

@@ -35,6 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from stages import cli
 from stages.core.ogbench_data import (
     DatasetFileError,
     sha256_file,
@@ -391,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted: no manifest written, partial files removed")
         return 130
+    except cli.Terminated:  # SIGTERM: temporaries were removed while unwinding
+        log.error("terminated: no manifest written, partial files removed")
+        return 143
     except Exception:
         log.exception("download stage failed")
         return 1
@@ -398,4 +402,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cli.watch_parent()
     sys.exit(main())

@@ -1,9 +1,12 @@
 """The project's XLA flags: added when missing, a user's own setting of a flag always wins."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from stages.core import xla_setup
 
@@ -47,3 +50,45 @@ def test_importing_any_core_module_sets_the_flags_in_a_fresh_process():
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
     )
     assert set(_names(out.stdout)) == {_name(f) for f in xla_setup.FLAGS}
+
+
+RECORD_BACKEND_START = """
+import os, runpy, sys
+from jax._src import xla_bridge
+seen = []
+original = xla_bridge.backends
+def recording():
+    if not seen:
+        seen.append(os.environ.get("XLA_FLAGS", ""))
+    return original()
+xla_bridge.backends = recording
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print("XLA_FLAGS when JAX's backend started:", seen[0] if seen else "never started")
+"""
+
+
+@pytest.mark.parametrize("stage,args", [
+    ("stages.prior", ["--task", "cube-single-play-singletask-task2-v0"]),
+    ("stages.evaluate", ["--agent", "rql", "--task", "cube-single-play-singletask-task2-v0", "--seed", "0"]),
+])
+def test_a_real_stage_starts_jax_with_the_flags(tmp_path, stage, args):
+    """The stage's own entry point, as DVC runs it: the flags are in XLA_FLAGS when its backend starts (the
+    stage then fails on its missing input, which is fine here)."""
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(root)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["RQL_JAX_CACHE"] = "off"
+    out = subprocess.run([sys.executable, "-c", RECORD_BACKEND_START, stage, *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    line = [x for x in out.stdout.splitlines() if x.startswith("XLA_FLAGS when")]
+    assert line, out.stdout + out.stderr
+    started_with = line[0].split(":", 1)[1].split()
+    assert set(_names(" ".join(started_with))) >= {_name(f) for f in xla_setup.FLAGS}, line[0]
+    assert "not applied" not in out.stderr
+    assert "error:" in out.stderr  # it went on to its (missing) input

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from stages.core.parent_watch import die_with_parent
+
 SPLITS = ("train", "val")
 EXPERT_PREFIXES = ("antmaze-", "humanoidmaze-", "antsoccer-")
 _DATASET_RE = re.compile(
@@ -368,6 +370,7 @@ _worker_recipe: Recipe | None = None
 
 def _init_worker(recipe: Recipe) -> None:
     global _worker_env, _worker_recipe
+    die_with_parent()  # a killed stage must not leave its generation processes running
     _worker_recipe = recipe
     _worker_env = make_collection_env(recipe)
 
