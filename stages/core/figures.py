@@ -95,29 +95,35 @@ def learning_curves(curves: pd.DataFrame, y: str = "success", ylabel: str = "suc
     return figure
 
 
-def agent_comparison(final: pd.DataFrame, paper: dict[tuple[str, str], float]) -> Figure:
-    """Final success per task and agent (mean over seeds with 95% error bars), the paper's figure as a marker.
+def agent_comparison(stats: pd.DataFrame, paper: dict[tuple[str, str], float], interval: str) -> Figure:
+    """Final success per task and agent as bars with their 95% interval, the paper's figure as a star.
 
-    ``final`` columns: agent, task, seed, success (%); ``paper`` maps (agent, task) to a published success (%).
+    ``stats`` columns: agent, task, mean, low, high (success %, one row per agent and task, as
+    ``stages.report.task_stats`` gives); ``paper`` maps (agent, task) to a published success (%); ``interval`` names
+    the interval the error bars show (e.g. "95% Wilson interval, 50 episodes"), for the legend.
     """
-    tasks = sorted(final["task"].unique())
-    agents = sorted(final["agent"].unique())
-    figure, axis = plt.subplots(figsize=(max(4.5, 1.6 * len(tasks) * max(1, len(agents)) / 2), 3.6))
+    tasks = sorted(stats["task"].unique())
+    agents = sorted(stats["agent"].unique())
+    figure, axis = plt.subplots(figsize=(max(4.5, 1.6 * len(tasks) * max(1, len(agents)) / 2), 3.8))
     width = 0.8 / max(1, len(agents))
+    bars_labelled, interval_labelled, paper_labelled = set(), False, False
     for a, agent in enumerate(agents):
         for t, task in enumerate(tasks):
-            rows = final[(final["task"] == task) & (final["agent"] == agent)]
+            rows = stats[(stats["task"] == task) & (stats["agent"] == agent)]
             if rows.empty:
                 continue
-            stats = mean_band(rows.assign(one=0), "one", "success").iloc[0]
+            row = rows.iloc[0]
             position = t + (a - (len(agents) - 1) / 2) * width
-            axis.bar(position, stats["mean"], width=width * 0.9, color=color_for(agent, agents),
-                     label=agent if t == 0 else None)
-            axis.errorbar(position, stats["mean"], yerr=[[stats["mean"] - stats["low"]], [stats["high"] - stats["mean"]]],
-                          color="black", capsize=3, lw=1)
+            axis.bar(position, row["mean"], width=width * 0.9, color=color_for(agent, agents),
+                     label=None if agent in bars_labelled else agent)
+            bars_labelled.add(agent)
+            axis.errorbar(position, row["mean"], yerr=[[row["mean"] - row["low"]], [row["high"] - row["mean"]]],
+                          color="black", capsize=3, lw=1, label=None if interval_labelled else interval)
+            interval_labelled = True
             if (agent, task) in paper:
-                axis.plot(position, paper[(agent, task)], marker="*", color="black", ms=9,
-                          label="paper" if not any(h.get_label() == "paper" for h in axis.lines) else None)
+                axis.plot(position, paper[(agent, task)], marker="*", color="black", ms=9, ls="none",
+                          label=None if paper_labelled else "paper")
+                paper_labelled = True
     axis.set_xticks(range(len(tasks)), [_short(t) for t in tasks], fontsize=8, rotation=10)
     axis.set_ylabel("success rate (%)")
     axis.set_ylim(0, 105)
@@ -127,10 +133,11 @@ def agent_comparison(final: pd.DataFrame, paper: dict[tuple[str, str], float]) -
     return figure
 
 
-def metric_curves(metrics: pd.DataFrame, names: list[str]) -> Figure:
+def metric_curves(metrics: pd.DataFrame, names: list[str], log_names: tuple[str, ...] = ()) -> Figure:
     """One panel per metric name: value against step, one line per (agent, task), mean over seeds.
 
-    ``metrics`` columns: agent, task, seed, step, metric, value.
+    ``metrics`` columns: agent, task, seed, step, metric, value. Panels of ``log_names`` get a log y-axis (when
+    their values are positive).
     """
     present = [name for name in names if name in set(metrics["metric"])]
     figure, axes = _grid(max(1, len(present)), width=4.2, height=2.9)
@@ -142,6 +149,8 @@ def metric_curves(metrics: pd.DataFrame, names: list[str]) -> Figure:
             label = f"{agent} {_short(task)}"
             axis.plot(stats["step"], stats["mean"], color=color_for(agent, sorted(rows["agent"].unique())),
                       label=label if len(labels) > 1 else agent)
+        if name in log_names and (rows["value"] > 0).all():
+            axis.set_yscale("log")
         axis.set_title(name, fontsize=10)
         axis.set_xlabel("training step")
         axis.grid(alpha=0.3)

@@ -1,8 +1,10 @@
-"""Published success rates (%) for OGBench singletask tasks, looked up by task name.
+"""Published success rates (%) for OGBench singletask tasks, looked up by task name, and per-environment means.
 
-The tables live in ``stages/reference/*.csv`` (environment x task1..task5). Their environment names carry the
-reward variant (``scene-play-sparse``) while task names do not (``scene-play-singletask-task2-v0``), so a task is
-matched on its dataset stem and task number.
+The per-task tables live in ``stages/reference/*.csv`` (environment x task1..task5). Their environment names carry
+the reward variant (``scene-play-sparse``) while task names do not (``scene-play-singletask-task2-v0``), so a task
+is matched on its dataset stem and task number. The per-environment means (``baselines_env_means.csv``: the mean
+over an environment's five tasks, one row per method) name environments the short way the paper does:
+``cube-double``, ``scene``, ``puzzle-4x4-100m`` (the family, plus the dataset size when it is not the default).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
 TABLES = {"rql": "rql_paper_per_task.csv", "fql": "fql_per_task.csv"}
+ENV_MEANS = "baselines_env_means.csv"
+ENV_MEAN_METHODS = {"rql": "RQL", "fql": "FQL"}  # agent -> its row in ENV_MEANS
 _TASK = re.compile(r"^(?P<stem>.+)-singletask-task(?P<number>[1-5])-v0$")
 
 
@@ -43,3 +47,22 @@ def paper_success(agent: str, task: str) -> float | None:
     if match is None:
         return None
     return _table(agent).get((match["stem"], int(match["number"])))
+
+
+@cache
+def _env_means() -> dict[tuple[str, str], float]:
+    with (REFERENCE_DIR / ENV_MEANS).open(newline="") as handle:
+        return {(record["method"], environment): float(value) for record in csv.DictReader(handle)
+                for environment, value in record.items() if environment not in ("method", "mean_of_10")}
+
+
+def paper_env_mean(agent: str, environment: str) -> float | None:
+    """Published mean success (%) of ``agent`` ('rql' or 'fql') over the five tasks of ``environment``, or None.
+
+    >>> paper_env_mean("rql", "puzzle-4x4-100m")
+    37.0
+    >>> paper_env_mean("fql", "cube-single") is None
+    True
+    """
+    method = ENV_MEAN_METHODS.get(agent)
+    return None if method is None else _env_means().get((method, environment))
