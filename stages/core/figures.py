@@ -104,7 +104,7 @@ def agent_comparison(stats: pd.DataFrame, paper: dict[tuple[str, str], float], i
     """
     tasks = sorted(stats["task"].unique())
     agents = sorted(stats["agent"].unique())
-    figure, axis = plt.subplots(figsize=(max(4.5, 1.6 * len(tasks) * max(1, len(agents)) / 2), 3.8))
+    figure, axis = plt.subplots(figsize=(max(5.5, 1.0 + 0.9 * len(tasks) * max(1, len(agents))), 3.8))
     width = 0.8 / max(1, len(agents))
     bars_labelled, interval_labelled, paper_labelled = set(), False, False
     for a, agent in enumerate(agents):
@@ -128,7 +128,7 @@ def agent_comparison(stats: pd.DataFrame, paper: dict[tuple[str, str], float], i
     axis.set_ylabel("success rate (%)")
     axis.set_ylim(0, 105)
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=8, ncols=2)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     figure.tight_layout()
     return figure
 
