@@ -106,7 +106,7 @@ def built(tmp_path_factory) -> dict:
 
 def test_every_stage_ran_and_wrote_its_outputs(built):
     repo, log = built["repo"], built["log"]
-    for stage in ("download", "prior@", "reverse@", "train_rql@", "train_rql_cached@", "train_fql@",
+    for stage in ("validate", "download", "prior@", "reverse@", "train_rql@", "train_rql_cached@", "train_fql@",
                   "train_bc_flow@", "evaluate_rql@", "evaluate_rql_cached@", "evaluate_fql@", "evaluate_bc_flow@",
                   "report"):
         assert f"Running stage '{stage}" in log, stage
@@ -186,7 +186,26 @@ def test_a_param_change_invalidates_exactly_the_stages_that_read_it(built, secti
         status = json.loads(dvc("status", "--json", cwd=repo).stdout)
     finally:
         (repo / "params.yaml").write_text(original)
-    assert {name.split("@")[0] for name in status} == expected
+    assert {name.split("@")[0] for name in status} == expected | {"validate"}  # it checks every edit
+
+
+@pytest.mark.parametrize("section, key", [("train", "stepz"), (None, "foo")])
+def test_an_unknown_key_fails_repro_even_when_nothing_else_would_rerun(built, section, key):
+    repo = built["repo"]
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    (params[section] if section else params)[key] = 1
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        result = dvc("repro", cwd=repo, check=False)
+    finally:
+        (repo / "params.yaml").write_text(original)
+    name = f"{section}.{key}" if section else key
+    assert result.returncode != 0
+    assert f"{name}: unknown key" in result.stderr and "Running stage 'validate'" in result.stdout
+    assert "Running stage 'download'" not in result.stdout
+    dvc("repro", "validate", cwd=repo)  # the original params: valid again, same output
+    assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
 
 
 def test_a_teammate_pulls_the_shared_artifacts_instead_of_recomputing_them(built, tmp_path):
@@ -194,9 +213,15 @@ def test_a_teammate_pulls_the_shared_artifacts_instead_of_recomputing_them(built
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "results")
     dvc("push", cwd=repo)
-    clone = tmp_path / "teammate"
-    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    dvc("pull", cwd=clone)
+    # the README's line for a teammate, exactly as written (make setup installs the locked environment)
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "# a teammate" in x)
+    command = line.split("  #")[0].replace("<repo>", str(repo))
+    env = {k: v for k, v in environment().items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
+    shared = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            check=False)
+    assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-3000:]
+    clone = tmp_path / "rql"
     status = json.loads(dvc("status", "--json", cwd=clone).stdout)
     assert status == {}
     shard = clone / "data" / "reversed" / TASK / "part-00000.parquet"
