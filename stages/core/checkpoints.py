@@ -404,8 +404,8 @@ def _parse_policy(data: bytes, source: str) -> tuple[dict[tuple[str, ...], np.nd
         raise fail("metadata missing")
     try:
         metadata = json.loads(payload["metadata"])
-    except json.JSONDecodeError as exc:
-        raise fail(f"metadata is not JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many digits, too deep
+        raise fail(f"metadata is not JSON ({' '.join(str(exc).split())})") from None
     if not isinstance(metadata, dict):
         raise fail("metadata is not a JSON object")
     arrays: dict[tuple[str, ...], np.ndarray] = {}
@@ -424,19 +424,25 @@ def _decode_entry(entry: Any, fail: Any) -> tuple[tuple[str, ...], np.ndarray]:
     if not (isinstance(path, list) and path and all(isinstance(p, str) for p in path)):
         raise fail(f"malformed param path {path!r}")
     name = "/".join(path)
+    if not isinstance(dtype_str, str):
+        raise fail(f"param {name}: malformed dtype {dtype_str!r}")
     try:
         dtype = np.dtype(dtype_str)
-    except TypeError as exc:
-        raise fail(f"param {name}: unknown dtype {dtype_str!r}") from exc
+    except (TypeError, ValueError, SyntaxError, RecursionError):
+        raise fail(f"param {name}: unknown dtype {dtype_str[:40]!r}") from None
     if dtype.kind not in _ALLOWED_KINDS or dtype.str != dtype_str:
         raise fail(f"param {name}: unsupported dtype {dtype_str!r}")
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+    if not (isinstance(shape, list) and len(shape) <= 32
+            and all(type(s) is int and 0 <= s < 2**62 for s in shape)):
         raise fail(f"param {name}: malformed shape {shape!r}")
     if not isinstance(raw, bytes) or len(raw) != math.prod(shape) * dtype.itemsize:
         raise fail(
             f"param {name}: {len(raw) if isinstance(raw, bytes) else 'no'} data bytes for {dtype}{shape}"
         )
-    arr = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    try:
+        arr = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    except (ValueError, OverflowError) as exc:  # an empty array with a dimension beyond numpy's limits
+        raise fail(f"param {name}: shape {shape} not representable ({exc})") from None
     return tuple(path), arr
 
 

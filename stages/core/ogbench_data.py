@@ -17,8 +17,11 @@ Large datasets (`*-100m-v0`) are folders of 1M-transition files `<stem>-NNN.npz`
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
+import struct
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -111,19 +114,124 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+_NPZ_KINDS = "biufc"  # bool, integers, floats, complex: plain arrays only (no objects, strings, records)
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than this: a member claiming more lies about its size
+_READ_CHUNK = 1 << 24
+_DESCRIPTOR_SIZES = (0, 12, 16, 20, 24)  # optional data descriptor after a member's data (zip / zip64, signed)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_zip_layout(path: Path, archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The members of an npz, checked before any is read: names, compression, and sizes that the file can hold.
+    Members must tile the file up to the central directory, so a damaged directory cannot hide one."""
+    size = path.stat().st_size
+    infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    names: set[str] = set()
+    end = 0
+    with open(path, "rb") as raw:
+        for info in infos:
+            name = info.filename
+            if not name.endswith(".npy") or "/" in name or name in names:
+                problem = "duplicate" if name in names else "not an .npy array"
+                raise DatasetFileError(f"{path}: corrupt npz file (member {name!r}: {problem})")
+            names.add(name)
+            if info.flag_bits & 0x1:
+                raise DatasetFileError(f"{path}: corrupt npz file (member {name}: marked encrypted)")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise DatasetFileError(
+                    f"{path}: corrupt npz file (member {name}: compression method {info.compress_type})"
+                )
+            limit = info.compress_size * (_DEFLATE_MAX_RATIO if info.compress_type else 1) + 1024
+            if info.file_size > limit:
+                raise DatasetFileError(
+                    f"{path}: corrupt npz file (member {name} claims {info.file_size} bytes from "
+                    f"{info.compress_size} stored bytes)"
+                )
+            if info.header_offset not in [end + extra for extra in _DESCRIPTOR_SIZES]:
+                raise DatasetFileError(
+                    f"{path}: corrupt npz file (member {name} at byte {info.header_offset}, expected {end})"
+                )
+            raw.seek(info.header_offset)
+            header = raw.read(zipfile.sizeFileHeader)
+            if len(header) != zipfile.sizeFileHeader:
+                raise DatasetFileError(f"{path}: truncated or corrupt npz file (member {name} header)")
+            fields = struct.unpack(zipfile.structFileHeader, header)
+            end = (info.header_offset + zipfile.sizeFileHeader + fields[zipfile._FH_FILENAME_LENGTH]
+                   + fields[zipfile._FH_EXTRA_FIELD_LENGTH] + info.compress_size)
+            if end > size:
+                raise DatasetFileError(f"{path}: truncated or corrupt npz file (member {name} ends past the file)")
+    if archive.start_dir not in [end + extra for extra in _DESCRIPTOR_SIZES]:
+        raise DatasetFileError(
+            f"{path}: corrupt npz file (the zip directory starts at byte {archive.start_dir}, the members end at "
+            f"{end})"
+        )
+    return infos
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy member: header checked against the member's size before anything is allocated; CRC checked."""
+    name = info.filename
+    with archive.open(info) as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"{name}: npy format version {version} not supported")
+        if dtype.hasobject:
+            raise ValueError(f"{name}: object arrays need allow_pickle, which is never used")
+        if dtype.kind not in _NPZ_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise ValueError(f"{name}: dtype {dtype} not supported (plain numeric arrays only)")
+        header_bytes = stream.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if header_bytes + nbytes != info.file_size:
+            raise ValueError(
+                f"{name}: header says {dtype}{list(shape)} ({nbytes} bytes) but the member holds "
+                f"{info.file_size - header_bytes} data bytes"
+            )
+        array = np.empty(math.prod(shape), dtype=dtype)
+        view = memoryview(array).cast("B") if nbytes else memoryview(b"")
+        at = 0
+        while at < nbytes:
+            chunk = stream.read(min(_READ_CHUNK, nbytes - at))
+            if not chunk:
+                raise EOFError(f"{name}: data ends after {at} of {nbytes} bytes")
+            view[at:at + len(chunk)] = chunk
+            at += len(chunk)
+        if stream.read(1):
+            raise ValueError(f"{name}: data continues past the {nbytes} bytes its header gives")
+    if fortran_order:
+        return array.reshape(shape[::-1]).transpose()
+    return array.reshape(shape)
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an .npz file, fully read (zip CRCs checked); never unpickles. DatasetFileError on a missing,
-    truncated, corrupt or pickled file."""
+    truncated, corrupt or pickled file. Every size a header gives is checked against what the file can hold before
+    memory is allocated for it, so a damaged header cannot ask for more memory than the file could expand to."""
     path = Path(path)
     if not path.is_file():
         raise DatasetFileError(f"{path}: file not found")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
-        raise DatasetFileError(f"{path}: truncated or corrupt npz file ({exc})") from None
-    except ValueError as exc:
-        raise DatasetFileError(f"{path}: unreadable array ({exc})") from None
+        with zipfile.ZipFile(path) as archive:
+            infos = _check_zip_layout(path, archive)
+            arrays = {}
+            for info in infos:
+                try:
+                    arrays[info.filename[: -len(".npy")]] = _read_member(path, archive, info)
+                except (ValueError, tokenize.TokenError, SyntaxError, RecursionError) as exc:
+                    raise DatasetFileError(f"{path}: unreadable array ({_one_line(exc)})") from None
+            return arrays
+    except DatasetFileError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, OSError, NotImplementedError,
+            RuntimeError, UnicodeDecodeError, struct.error, OverflowError, ValueError) as exc:
+        # zipfile reports damage as any of these (bad CRC, unsupported method/version/flags, bad names, sizes)
+        raise DatasetFileError(f"{path}: truncated or corrupt npz file ({_one_line(exc)})") from None
 
 
 def episode_lengths(terminals: np.ndarray) -> np.ndarray:
@@ -153,6 +261,8 @@ def check_raw_arrays(
     if button_states is False and "button_states" in arrays:
         raise ValueError("unexpected key button_states: this environment has no buttons")
 
+    if np.ndim(arrays["terminals"]) != 1:
+        raise ValueError(f"terminals: shape {np.shape(arrays['terminals'])}, expected (N,)")
     rows = len(arrays["terminals"])
     for key, array in arrays.items():
         if array.dtype != RAW_DTYPES[key]:
@@ -264,6 +374,18 @@ def make_task_env(env_name: str) -> Any:
     return gymnasium.make(env_name)
 
 
+def _space_dim(space: Any) -> int | None:
+    shape = getattr(space, "shape", None)
+    return int(shape[0]) if shape and len(shape) == 1 else None
+
+
+def _model_size(env: Any, attribute: str) -> int | None:
+    """The env's MuJoCo model nq / nv (what OGBench's relabelling indexes qpos with), when it has one."""
+    model = getattr(getattr(env, "unwrapped", env), "_model", None)
+    value = getattr(model, attribute, None)
+    return int(value) if isinstance(value, (int, np.integer)) else None
+
+
 def sparsify_rewards(rewards: np.ndarray) -> np.ndarray:
     """The reference's sparse reward: r <- -1 * [r != 0]."""
     return -(rewards != 0).astype(np.float32)
@@ -278,9 +400,20 @@ def load_training_data(
     from ogbench.utils import load_dataset
 
     path = Path(path)
-    read_npz(path)  # clear error for a missing or corrupt file before OGBench's loader sees it
+    env = env if env is not None else make_task_env(env_name)
+    # a clear error for a missing, corrupt or malformed file before OGBench's loader sees it
+    arrays = read_npz(path)
+    try:
+        check_raw_arrays(arrays, obs_dim=_space_dim(env.observation_space),
+                         act_dim=_space_dim(env.action_space))
+        for key, need in (("qpos", _model_size(env, "nq")), ("qvel", _model_size(env, "nv"))):
+            if need is not None and arrays[key].shape[1] < need:
+                raise ValueError(f"{key}: dimension {arrays[key].shape[1]}, expected {need} for {env_name}")
+    except ValueError as exc:
+        raise DatasetFileError(f"{path}: {exc}") from None
+    del arrays
     raw = load_dataset(str(path), compact_dataset=False, add_info=True)
-    relabel_dataset(env_name, env if env is not None else make_task_env(env_name), raw)
+    relabel_dataset(env_name, env, raw)
     rewards = raw["rewards"].astype(np.float32)
     data = {
         "observations": raw["observations"],

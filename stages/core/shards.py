@@ -175,6 +175,11 @@ def _canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=True) + "\n"
 
 
+def _one_line(exc: object) -> str:
+    """An exception's (or schema's) message on one line (Arrow's messages span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -544,9 +549,12 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise ShardCacheError(f"reversal cache {directory} has no {MANIFEST_NAME}: incomplete or not a cache")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardCacheError(f"{path}: unreadable manifest ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, or an integer literal beyond Python's digit limit; RecursionError: nesting
+        raise ShardCacheError(f"{path}: unreadable manifest ({_one_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise ShardCacheError(f"{path}: not a {FORMAT_NAME} manifest (a JSON {type(raw).__name__}, not an object)")
+    if raw.get("format") != FORMAT_NAME:
         raise ShardCacheError(f"{path}: not a {FORMAT_NAME} manifest (format={raw.get('format')!r})")
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
@@ -580,13 +588,18 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
             extra=dict(raw.get("extra") or {}),
             writer=str(raw.get("writer", "")),
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ShardCacheError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ShardCacheError(f"{path}: malformed manifest ({type(exc).__name__}: {_one_line(exc)})") from None
     _check_manifest_consistency(path, manifest)
     return manifest
 
 
 def _check_manifest_consistency(path: Path, m: Manifest) -> None:
+    for name in ("F", "h", "d", "shard_rows", "row_group_rows"):
+        if getattr(m, name) < 1:
+            raise ShardCacheError(f"{path}: {name} {getattr(m, name)} is not a positive count")
+    if m.method not in METHODS:
+        raise ShardCacheError(f"{path}: method {m.method!r} is not one of {METHODS}")
     if sum(s.rows for s in m.shards) != m.total_rows:
         raise ShardCacheError(
             f"{path}: total_rows {m.total_rows} != sum of shard rows {sum(s.rows for s in m.shards)}"
@@ -654,14 +667,19 @@ def _check_shard_file(
                 "re-pull or rebuild the cache"
             )
     try:
-        # pre_buffer=False: pages are read as decoded, which keeps the read's memory small (measured).
-        pf = pq.ParquetFile(path, pre_buffer=False, page_checksum_verification=not verify_sha256)
+        # pre_buffer=False: pages are read as decoded, which keeps the read's memory small (measured). Page
+        # checksums are verified even after a sha256 check: a shard damaged before the manifest hashed it (or a
+        # resealed manifest) must not decode as other numbers.
+        pf = pq.ParquetFile(path, pre_buffer=False, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
-        raise ShardCacheError(f"shard {path} is not a readable Parquet file ({exc})") from exc
+        raise ShardCacheError(f"shard {path} is not a readable Parquet file ({_one_line(exc)})") from None
     expected = cache_schema(manifest.F, manifest.h, manifest.d, manifest.method)
     schema = pf.schema_arrow
     if not schema.equals(expected, check_metadata=False):
-        raise ShardCacheError(f"shard {path} schema {schema} != expected {expected}")
+        raise ShardCacheError(
+            f"shard {path} schema {_one_line(schema)} != expected {_one_line(expected)}: "
+            "re-pull or rebuild the cache"
+        )
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     version = meta.get("rql.schema_version")
     if version != str(SCHEMA_VERSION):
@@ -768,7 +786,9 @@ def _iter_checked(
                     )
                 yield CacheBatch(info.file, rows, x, err)
         except (pa.ArrowException, OSError) as exc:
-            raise ShardCacheError(f"shard {path}: read failed ({exc}): re-pull or rebuild the cache") from exc
+            raise ShardCacheError(
+                f"shard {path}: read failed ({_one_line(exc)}): re-pull or rebuild the cache"
+            ) from None
         finally:
             pf.close()
         if seen != info.rows:
@@ -817,6 +837,8 @@ def read_cache(
     """
     directory = Path(directory)
     manifest = _open_manifest(directory, inputs, F, h, d, method, rebuild_hint)
+    for info in manifest.shards:  # sizes, schemas and row counts of the files before the result is allocated
+        _check_shard_file(directory, manifest, info, verify_sha256=False).close()
     n = manifest.total_rows
     rows = np.empty(n, np.int64)
     x = np.empty((n, manifest.F + 1, manifest.h * manifest.d), np.float32)
