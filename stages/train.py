@@ -3,8 +3,14 @@
     python -m stages.train --agent rql --task cube-single-play-singletask-task2-v0 --seed 0
 
 Orbax checkpoints go to ``data/checkpoints/<agent>/<task>/seed<k>/<fingerprint>/`` (not a DVC output, so DVC never
-deletes them): rerunning an interrupted stage resumes from the newest one and ends with the same parameters as an
-uninterrupted run. The fingerprint covers everything the run depends on, so changed params start afresh.
+deletes them): rerunning an interrupted stage resumes from the newest intact one and ends with the same parameters
+and the same learning curves as an uninterrupted run (the metric history is saved with each checkpoint). The
+fingerprint covers everything the run depends on, so changed params start afresh.
+
+Outputs: the stage first removes its previous outputs (``policy.msgpack``, ``summary.json``, ``live/``), so a failed
+or killed run never leaves an old file beside a new one. ``live/`` (dvclive: ``metrics.json``,
+``plots/metrics/**/*.tsv``) is written once at the end, from the history, into a temporary folder renamed into
+place; then ``policy.msgpack`` and last ``summary.json``, each atomically.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from stages import cli, layout
 from stages.params import env_for_task
@@ -23,11 +32,49 @@ log = logging.getLogger("stages.train")
 DRIFT_TOLERANCE = 1e-2  # a cached row counts as stale when the current actor maps its x_0 this far from the chunk
 TRAIN_EVAL_ENVS = 4  # environments stepped together by the evaluations during training
 DRIFT_ROWS = 1024  # rows of the cache the drift is measured on (a fixed random subset)
+# Part of the fingerprint: checkpoints of another layout (before 2: no metric history) are not resumed.
+CHECKPOINT_FORMAT = 2
+OUTPUTS = ("policy.msgpack", "summary.json", "live")  # the declared outputs of a run directory (dvc.yaml)
+LIVE_TMP_PREFIX = ".live."
 
 
 def fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
+def remove_outputs(out: Path) -> None:
+    """Delete the run's previous outputs and any temporary folder a killed run left (DVC does the former itself)."""
+    for path in [*(out / name for name in OUTPUTS), *out.glob(f"{LIVE_TMP_PREFIX}*.tmp")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def write_live(target: Path, rows: list) -> None:
+    """Write the dvclive folder of ``rows`` (``[step, {name: value}]``, as logged) atomically: dvclive writes it
+    into a temporary folder beside ``target``, which is then renamed into place."""
+    from dvclive import Live
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=LIVE_TMP_PREFIX, suffix=".tmp"))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would not be what a plain mkdir gives
+        live = Live(str(tmp), resume=False, dvcyaml=None, save_dvc_exp=False, report=None)
+        for step, metrics in rows:
+            live.step = step
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.make_summary()
+        live.end()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 
@@ -37,7 +84,6 @@ def main(argv: list[str]) -> None:
 
     import jax
     import numpy as np
-    from dvclive import Live
 
     from stages import reversal_cache
     from stages.agent_setup import make_policy, run_spec
@@ -46,6 +92,8 @@ def main(argv: list[str]) -> None:
     from stages.task_data import dataset_fingerprint, load_task_data, training_files
 
     t = params.train
+    out = layout.run_dir(args.agent, args.task, args.seed)
+    remove_outputs(out)  # before anything can fail: no old summary beside a new policy, no stale curves
     files = training_files(args.task)
     data = load_task_data(params, args.task)
     spec = run_spec(params, args.agent, args.task, data.obs_dim, data.action_dim)
@@ -74,24 +122,31 @@ def main(argv: list[str]) -> None:
         swap_every=t.dataset_swap_every if streaming else 0,
     )
     identity = {"agent": args.agent, "task": args.task, "seed": args.seed, "config": dataclasses.asdict(config),
-                "schedule": dataclasses.asdict(schedule), "inputs": inputs}
+                "schedule": dataclasses.asdict(schedule), "inputs": inputs, "checkpoint_format": CHECKPOINT_FORMAT}
     run_key = fingerprint(identity)
     root = layout.checkpoint_root(args.agent, args.task, args.seed)
     for stale in root.glob("*") if root.exists() else []:
         if stale.name != run_key:
             log.info("removing checkpoints of other settings: %s", stale)
             shutil.rmtree(stale)
-    out = layout.run_dir(args.agent, args.task, args.seed)
     out.mkdir(parents=True, exist_ok=True)
+    cache_note = f" with the reversal cache {layout.reversed_dir(args.task)}" if spec.uses_cache else ""
 
     update = module.make_update(config, t.updates_per_call)
     started = time.perf_counter()
     with checkpoints.TrainCheckpointer(root / run_key, save_every=t.checkpoint_every,
                                        metadata={"fingerprint": run_key}) as checkpointer:
-        state, resumed = checkpointer.resume(state)
-        start_step = resumed or 0
-        if resumed:
-            log.info("resuming from the checkpoint at step %d", resumed)
+        resumed = checkpointer.resume(state)
+        state, start_step = resumed.state, resumed.step or 0
+        history = training_loop.MetricHistory()
+        if resumed.step:
+            log.info("resuming from the checkpoint at step %d", resumed.step)
+            try:
+                history = training_loop.MetricHistory(resumed.extras["history"]).upto(resumed.step)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise checkpoints.CheckpointError(
+                    f"checkpoint step {resumed.step} in {root / run_key} has no valid metric history ({exc}); "
+                    f"delete {root / run_key} to start this run over") from exc
         task_env = make_task_env(env_for_task(args.task)) if streaming else None
 
         def swap(step: int, data_now):
@@ -102,7 +157,6 @@ def main(argv: list[str]) -> None:
 
         if streaming and start_step:
             device_data = swap(start_step, device_data)
-        live = Live(str(out / "live"), resume=bool(resumed), dvcyaml=None, save_dvc_exp=False, report=None)
         drift = reversal_cache.drift_probe(config, device_data, DRIFT_ROWS, DRIFT_TOLERANCE) if spec.uses_cache else None
         # A fixed env count: evaluation results depend on it (one policy key per batched call), and the train
         # stages do not declare the evaluate section; the worker count does not change results.
@@ -111,22 +165,16 @@ def main(argv: list[str]) -> None:
                                       workers=min(workers, t.eval_episodes)) if t.eval_every else None
 
         def on_metrics(step: int, metrics: dict[str, float], current, data_now) -> None:
-            live.step = step
             if drift is not None:
                 metrics = {**metrics, **drift(current.actor, data_now)}
-            for name, value in metrics.items():
-                live.log_metric(f"train/{name}", value)
-            live.make_summary()
+            history.record(step, {f"train/{name}": value for name, value in metrics.items()})
 
         def on_eval(step: int, current) -> None:
             policy = make_policy(spec.algorithm, config, module.policy_params(current))
             result = evaluator.run(policy, episodes=t.eval_episodes, seed=rollout.EVAL_SEED + args.seed)
             s = result.summary
             log.info("step %d: success %.1f%% over %d episodes", step, 100 * s.success_rate, s.episodes)
-            live.step = step
-            live.log_metric("eval/success", 100 * s.success_rate)
-            live.log_metric("eval/return", s.mean_return)
-            live.make_summary()
+            history.record(step, {"eval/success": 100 * s.success_rate, "eval/return": s.mean_return})
 
         def refresh(current, data_now):
             return reversal_cache.refresh(config, current.actor, data_now, params.reverse)
@@ -136,15 +184,25 @@ def main(argv: list[str]) -> None:
                 state, device_data, update, schedule, start_step=start_step, checkpointer=checkpointer,
                 on_metrics=on_metrics, on_eval=on_eval if evaluator else None, eval_at_end=False,
                 refresh=refresh if spec.refresh_every else None, swap=swap if streaming else None,
-                progress=not args.no_progress,
+                checkpoint_extras=lambda: {"history": history.rows}, progress=not args.no_progress,
                 description=f"{args.agent} {args.task} s{args.seed}",
             )
+        except training_loop.NonFiniteLossError as exc:
+            # Logging windows end at swap boundaries, so the failing steps trained on one file.
+            index = ((exc.first_step - 1) // t.dataset_swap_every) % len(files) if streaming else 0
+            trained_on = f"{files[index]} (file {index + 1} of {len(files)})" if streaming else str(data.path)
+            raise training_loop.NonFiniteLossError(
+                f"run {args.agent}/{args.task}/seed{args.seed} (outputs {out}, trained on {trained_on}{cache_note}): "
+                f"{exc}",
+                metric=exc.metric, first_step=exc.first_step, last_step=exc.last_step,
+            ) from exc
         finally:
             if evaluator is not None:
                 evaluator.close()
-            live.end()
     elapsed = time.perf_counter() - started
     trained = t.steps - start_step
+
+    write_live(out / "live", history.rows)
 
     metadata = {"agent": args.agent, "algorithm": spec.algorithm, "task": args.task, "seed": args.seed,
                 "steps": t.steps, "config": dataclasses.asdict(config), "inputs": inputs}

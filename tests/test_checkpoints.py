@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def test_resume_gives_exactly_the_same_state(tmp_path, monkeypatch):
 
     with C.TrainCheckpointer("run/checkpoints", save_every=n // 2) as ckpt:
         # A different seed: every value must come from the checkpoint.
-        state, step = ckpt.resume(init_state(1))
+        state, step, *_ = ckpt.resume(init_state(1))
         assert step == n // 2 and int(state.step) == n // 2
         assert jax.dtypes.issubdtype(state.key.dtype, jax.dtypes.prng_key)
         assert isinstance(state.opt_state[1][0], optax.ScaleByAdamState)
@@ -150,8 +151,8 @@ def test_resume_gives_exactly_the_same_state(tmp_path, monkeypatch):
 def test_resume_without_checkpoint_returns_init(tmp_path):
     init = init_state(0)
     with C.TrainCheckpointer(tmp_path / "ck", save_every=5) as ckpt:
-        state, step = ckpt.resume(init)
-        assert step is None and state is init
+        state, step, extras, skipped = ckpt.resume(init)
+        assert step is None and state is init and extras is None and skipped == ()
         with pytest.raises(C.CheckpointError, match=f"no checkpoint in {tmp_path / 'ck'}"):
             ckpt.restore(init)
 
@@ -209,7 +210,7 @@ def test_metadata_mismatch_refused(tmp_path):
     ):
         ckpt.resume(init_state(0))
     with C.TrainCheckpointer(tmp_path / "ck", save_every=1, metadata={"agent": "rql", "alpha": 1}) as ckpt:
-        _, step = ckpt.resume(init_state(0))  # same values, any key order, int == float in JSON
+        step = ckpt.resume(init_state(0)).step  # same values, any key order, int == float in JSON
         assert step == 1
 
 
@@ -243,12 +244,120 @@ def test_interrupted_save_is_never_latest(tmp_path):
     template = {"w": jnp.zeros((2, 3)), "step": jnp.asarray(0, jnp.int32)}
     with C.TrainCheckpointer(directory, save_every=2) as ckpt:
         assert ckpt.latest_step() == 2 and ckpt.all_steps() == [2]
-        state, step = ckpt.resume(template)
+        state, step, *_ = ckpt.resume(template)
         assert step == 2 and int(state["step"]) == 2
         np.testing.assert_array_equal(state["w"], np.arange(6.0).reshape(2, 3))
         assert not any(p.name.startswith("4") for p in directory.iterdir())  # leftover cleaned up
         assert ckpt.save(4, {"w": state["w"] + 1, "step": jnp.asarray(4, jnp.int32)})
         assert ckpt.latest_step() == 4
+
+
+def saved_steps(directory: Path, steps=(1, 2, 3)) -> dict[int, TrainState]:
+    """Checkpoints of ``steps`` in ``directory``, each with its step's metric history as extras."""
+    states, state = {}, init_state(0)
+    with C.TrainCheckpointer(directory, save_every=1, max_to_keep=None, metadata={"run": "x"}) as ckpt:
+        for step in steps:
+            state = update(state)
+            states[step] = state
+            assert ckpt.save(step, state, extras={"history": [[s, {"train/loss": 1.0 / s}] for s in range(1, step + 1)]})
+    return states
+
+
+def test_extras_round_trip_with_the_state(tmp_path):
+    states = saved_steps(tmp_path / "ck")
+    with C.TrainCheckpointer(tmp_path / "ck", save_every=1, metadata={"run": "x"}) as ckpt:
+        state, step, extras, skipped = ckpt.resume(init_state(5))
+        assert (step, skipped) == (3, ())
+        assert extras == {"history": [[1, {"train/loss": 1.0}], [2, {"train/loss": 0.5}], [3, {"train/loss": 1 / 3}]]}
+        assert_states_equal(state, states[3])
+        _, older = ckpt.restore_with_extras(init_state(5), step=1)
+        assert older == {"history": [[1, {"train/loss": 1.0}]]}
+    assert json.loads((tmp_path / "ck" / "3" / C.FILES_MANIFEST).read_text())["files"]
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        i = len(data) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1 :])
+    else:
+        path.unlink()
+
+
+def _largest_state_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
+def test_a_damaged_newest_step_is_moved_aside_and_the_newest_intact_one_resumed(tmp_path, caplog, how):
+    directory = tmp_path / "ck"
+    states = saved_steps(directory)
+    damaged = _largest_state_file(directory / "3")
+    _damage(damaged, how)
+    with C.TrainCheckpointer(directory, save_every=1, metadata={"run": "x"}) as ckpt:
+        state, step, extras, skipped = ckpt.resume(init_state(5))
+        assert (step, skipped) == (2, (3,))
+        assert len(extras["history"]) == 2
+        assert_states_equal(state, states[2])
+        assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+        assert ckpt.save(3, update(state))  # the step is written again, not skipped as existing
+    assert (directory / C.UNREADABLE_DIR / "3").is_dir()
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "step 3" in r.getMessage())
+    assert "unreadable and skipped, moved to" in warning and "resuming from step 2" in warning
+    assert damaged.relative_to(directory / "3").as_posix() in warning and "\n" not in warning
+    with C.TrainCheckpointer(directory, save_every=1, metadata={"run": "x"}) as ckpt:
+        again = ckpt.resume(init_state(5))
+        assert (again.step, again.skipped) == (3, ())
+        assert_states_equal(again.state, states[3])
+
+
+def test_damage_orbax_itself_cannot_see_is_caught_by_the_state_digest(tmp_path, caplog):
+    """Without the files manifest (an asynchronous save), a flipped byte in a data file still fails the digest."""
+    directory = tmp_path / "ck"
+    states = saved_steps(directory, steps=(1, 2))
+    (directory / "2" / C.FILES_MANIFEST).unlink()
+    chunks = [p for p in (directory / "2" / "state").rglob("*") if p.is_file() and "/d/" in p.as_posix()]
+    for chunk in chunks:  # every chunk file: at least one holds array bytes TensorStore reads unchecked
+        _damage(chunk, "flip")
+    with C.TrainCheckpointer(directory, save_every=1, metadata={"run": "x"}) as ckpt:
+        result = ckpt.resume(init_state(5))
+    assert (result.step, result.skipped) == (1, (2,))
+    assert_states_equal(result.state, states[1])
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "step 2" in warning and "\n" not in warning and "'driver'" not in warning
+
+
+def test_no_intact_step_stops_with_one_line_naming_what_to_delete(tmp_path, capfd):
+    directory = tmp_path / "ck"
+    saved_steps(directory, steps=(1, 2))
+    for step in (1, 2):
+        _damage(_largest_state_file(directory / str(step)), "truncate")
+    with (
+        C.TrainCheckpointer(directory, save_every=1, metadata={"run": "x"}) as ckpt,
+        pytest.raises(C.CheckpointError) as info,
+    ):
+        ckpt.resume(init_state(5))
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 1500
+    assert f"no intact checkpoint in {directory}" in message and f"delete {directory} to start" in message
+    assert "step 2 in" in message and "step 1 in" in message and "truncated" in message
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]  # nothing moved: the user decides
+
+
+def test_orbax_errors_are_cut_to_one_line(tmp_path):
+    """Orbax's own errors (here: an item file TensorStore cannot parse) come back as one short line."""
+    directory = tmp_path / "ck"
+    saved_steps(directory, steps=(1,))
+    (directory / "1" / C.FILES_MANIFEST).unlink()
+    _damage(directory / "1" / "state" / "_METADATA", "truncate")
+    with (
+        C.TrainCheckpointer(directory, save_every=1, metadata={"run": "x"}) as ckpt,
+        pytest.raises(C.CheckpointError) as info,
+    ):
+        ckpt.restore(init_state(5), step=1)
+    assert "\n" not in str(info.value) and f"step 1 in {directory}" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,10 +67,42 @@ def test_a_non_finite_loss_stops_before_the_checkpoint_and_names_the_steps():
             return True
 
     schedule = Schedule(total_steps=20, updates_per_call=2, log_every=4, checkpoint_every=4)
-    with pytest.raises(NonFiniteLossError, match=r"loss became non-finite \(nan\) between update steps 9 and 12"):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"loss became non-finite \(nan\) between update steps 9 and 12") as info:
         training_loop.run({"step": jnp.int32(0)}, {"poison": jnp.int32(10)}, counting_update, schedule,
                           checkpointer=Recorder(), progress=False)
     assert saved == [4, 8]  # the step-12 state, which produced NaN, is never saved
+    assert (info.value.metric, info.value.first_step, info.value.last_step) == ("loss", 9, 12)
+
+
+def test_a_checkpoint_holds_the_history_of_every_row_up_to_its_step_evaluations_included():
+    """Evaluations at a checkpoint step run before the save, so their rows are in the extras saved with it."""
+    saved, order = {}, []
+    history = training_loop.MetricHistory()
+
+    class Recorder:
+        def save(self, step, state, *, force=False, extras=None):
+            order.append(("save", step))
+            saved[step] = json.loads(json.dumps(extras))
+            return True
+
+    def on_eval(step, state):
+        order.append(("eval", step))
+        history.record(step, {"eval/success": float(step)})
+
+    schedule = Schedule(total_steps=12, updates_per_call=2, log_every=2, checkpoint_every=4, eval_every=4)
+    training_loop.run({"step": jnp.int32(0)}, {"poison": jnp.int32(100)}, counting_update, schedule,
+                      checkpointer=Recorder(), on_metrics=lambda step, m, *_: history.record(step, {"loss": m["loss"]}),
+                      on_eval=on_eval, eval_at_end=False, checkpoint_extras=lambda: {"history": history.rows},
+                      progress=False)
+    assert order == [("eval", 4), ("save", 4), ("eval", 8), ("save", 8), ("save", 12)]
+    assert saved[8]["history"] == [[2, {"loss": 2.0}], [4, {"loss": 4.0}], [4, {"eval/success": 4.0}],
+                                   [6, {"loss": 6.0}], [8, {"loss": 8.0}], [8, {"eval/success": 8.0}]]
+    assert saved[12]["history"][-1] == [12, {"loss": 12.0}]
+    restored = training_loop.MetricHistory(saved[12]["history"])
+    assert restored.rows == history.rows and restored.upto(4).rows == history.rows[:3]
+    with pytest.raises(ValueError, match="metric history row"):
+        training_loop.MetricHistory([["4", {"loss": 1.0}]])
 
 
 def tiny_dataset(rng: np.random.Generator, episodes: int = 3, length: int = 40) -> dict[str, np.ndarray]:
@@ -100,7 +134,7 @@ def test_resume_from_a_checkpoint_ends_exactly_where_an_uninterrupted_run_does(t
         training_loop.run(bc_flow.init(config, jax.random.PRNGKey(3)), data, update, schedule,
                           checkpointer=manager, on_metrics=stop_after_first_checkpoint, progress=False)
     with checkpoints.TrainCheckpointer(tmp_path / "ckpt", save_every=6) as manager:
-        state, step = manager.resume(bc_flow.init(config, jax.random.PRNGKey(99)))
+        state, step, *_ = manager.resume(bc_flow.init(config, jax.random.PRNGKey(99)))
         assert step == 6
         resumed = training_loop.run(state, data, update, schedule, start_step=step, checkpointer=manager,
                                     progress=False)

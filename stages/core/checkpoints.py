@@ -8,6 +8,13 @@ directory, the step and the leaves. Orbax writes each step into a ``<step>.orbax
 renames it when complete, so an interrupted save is never listed as a step; leftovers are deleted when the next
 checkpointer opens the directory. Orbax's bytes and file names differ from run to run.
 
+Layout of one step, ``<directory>/<step>/``: the Orbax items ``state`` (the pytree), ``meta`` (the run's metadata,
+JSON), ``extras`` (a JSON-able dict the caller saves with the step, e.g. the metric history) and ``digest`` (JSON:
+sha256 of the state's leaves and of the extras). Restoring recomputes both digests, so a truncated or altered file
+is detected even where TensorStore would read it without complaint. :meth:`TrainCheckpointer.resume` falls back to
+the newest intact step and moves the unreadable newer ones to ``<directory>/unreadable/<step>`` (Orbax does not list
+that folder), logging a warning; with no intact step it stops with one line saying which directory to delete.
+
 Policy export (:func:`save_policy`, :func:`load_policy`): a params pytree and a JSON-able metadata dict in one file,
 byte-identical for identical inputs, for downstream DVC stages. Layout::
 
@@ -23,12 +30,15 @@ Arrays are stored as little-endian raw bytes with their dtype string and shape; 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Self, TypeVar
@@ -41,9 +51,15 @@ import orbax.checkpoint as ocp
 from stages.core.files import atomic_write_bytes
 
 State = TypeVar("State")
+log = logging.getLogger(__name__)
 
 _STATE_ITEM = "state"
 _META_ITEM = "meta"
+_EXTRAS_ITEM = "extras"
+_DIGEST_ITEM = "digest"
+FILES_MANIFEST = "files.json"  # inside a step: size and sha256 of each of Orbax's files, written after the save
+UNREADABLE_DIR = "unreadable"  # inside a checkpoint directory: steps that could not be restored, moved aside
+_REASON_CHARS = 200  # an Orbax/TensorStore error is cut to its first line and this many characters
 
 POLICY_MAGIC = b"RQLPOLCY"
 POLICY_FORMAT = "rql-policy"
@@ -86,6 +102,11 @@ def _is_prng_key(dtype: Any) -> bool:
     return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def _is_key_leaf(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and _is_prng_key(dtype)
+
+
 def _stored_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype a leaf has on disk: typed PRNG keys are stored as their uint32 key data."""
     dtype = getattr(leaf, "dtype", None)
@@ -107,6 +128,76 @@ def _canonical_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return json.loads(_canonical_json(dict(metadata or {})))
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` cut to a readable length (TensorStore appends multi-line specs)."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > _REASON_CHARS:
+        first = first[:_REASON_CHARS] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def state_digest(tree: Any) -> str:
+    """sha256 over a pytree's leaf paths, dtypes, shapes and little-endian bytes (typed PRNG keys as key data)."""
+    paths = leaf_paths(tree)
+    leaves = [jax.random.key_data(leaf) if _is_key_leaf(leaf) else leaf for _, leaf in paths]
+    digest = hashlib.sha256()
+    for (path, _), value in zip(paths, jax.device_get(leaves), strict=True):
+        arr = np.asarray(value)
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        digest.update(_canonical_json([list(path), arr.dtype.str, list(arr.shape)]).encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_digest(payload: Any) -> str:
+    return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
+
+
+def _is_orbax_leftover(unraisable: Any) -> bool:
+    """An error of a read a failed Orbax restore abandoned: its coroutine, or its callback on the closed loop."""
+    exc, text = unraisable.exc_value, repr(getattr(unraisable, "object", ""))
+    return "_read_array_index_and_device_put" in text or (
+        isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+
+
+def _collect_quietly() -> None:
+    """After a failed Orbax restore: collect its abandoned reads now, and from then on report their late errors
+    (TensorStore specs of ~60 lines each) as one debug line instead of on stderr; any other error is reported."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_rql_quiet", False):
+        gc.collect()
+        return
+
+    def hook(unraisable: Any) -> None:
+        if _is_orbax_leftover(unraisable):
+            log.debug("ignored after a failed restore: %s", _one_line(unraisable.exc_value))
+        else:
+            previous(unraisable)
+
+    hook._rql_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    gc.collect()
+
+
+class Resumed(NamedTuple):
+    """What :meth:`TrainCheckpointer.resume` found: the state, its step (``None``: nothing saved yet), the extras
+    saved with it (``None`` without a checkpoint) and the unreadable newer steps it skipped."""
+
+    state: Any
+    step: int | None
+    extras: dict[str, Any] | None
+    skipped: tuple[int, ...] = ()
+
+
 class TrainCheckpointer:
     """Saves and restores a whole training state in ``directory`` with Orbax.
 
@@ -115,6 +206,7 @@ class TrainCheckpointer:
     - ``max_to_keep``: older steps are deleted (``None`` keeps all);
     - ``metadata``: a JSON-able dict (for instance the run's config) stored with every step; :meth:`restore` refuses
       a checkpoint whose metadata differs, so a resumed run cannot silently continue under other settings;
+    - ``extras`` (per :meth:`save`): a JSON-able dict saved with that step and returned by :meth:`resume`;
     - saving a step that already exists is skipped (returns ``False``): after a resume, the state at that step is
       the one on disk.
 
@@ -134,6 +226,7 @@ class TrainCheckpointer:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         self.directory = Path(directory).absolute()
         self.save_every = save_every
+        self._async = async_save
         self.metadata = None if metadata is None else _canonical_metadata(metadata)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -141,8 +234,13 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
-        handlers = {_STATE_ITEM: ocp.StandardCheckpointHandler(), _META_ITEM: ocp.JsonCheckpointHandler()}
+        handlers = {_STATE_ITEM: ocp.StandardCheckpointHandler(), _META_ITEM: ocp.JsonCheckpointHandler(),
+                    _EXTRAS_ITEM: ocp.JsonCheckpointHandler(), _DIGEST_ITEM: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        # Orbax deletes leftovers of interrupted saves in the background; wait, so none is seen after opening.
+        wait_for_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_for_cleanup is not None:
+            wait_for_cleanup()
 
     # -- queries ------------------------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -159,17 +257,56 @@ class TrainCheckpointer:
         return step > latest and step // self.save_every > latest // self.save_every
 
     # -- save ---------------------------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Save ``state`` as ``step`` if :meth:`should_save` (or ``force``); returns whether it was written."""
+    def save(self, step: int, state: Any, *, force: bool = False, extras: Mapping[str, Any] | None = None) -> bool:
+        """Save ``state`` (and the JSON-able ``extras``) as ``step`` if :meth:`should_save` (or ``force``); returns
+        whether it was written."""
         step = int(step)
         if step in self._manager.all_steps():
             return False
         if not force and not self.should_save(step):
             return False
-        args = ocp.args.Composite(
-            **{_STATE_ITEM: ocp.args.StandardSave(state), _META_ITEM: ocp.args.JsonSave(self.metadata or {})}
-        )
-        return bool(self._manager.save(step, args=args, force=True))
+        extras = _canonical_metadata(extras)
+        digest = {"state_sha256": state_digest(state), "extras_sha256": _json_digest(extras)}
+        args = ocp.args.Composite(**{
+            _STATE_ITEM: ocp.args.StandardSave(state), _META_ITEM: ocp.args.JsonSave(self.metadata or {}),
+            _EXTRAS_ITEM: ocp.args.JsonSave(extras), _DIGEST_ITEM: ocp.args.JsonSave(digest),
+        })
+        saved = bool(self._manager.save(step, args=args, force=True))
+        if saved and not self._async:
+            self._write_files_manifest(step)
+        return saved
+
+    def _step_files(self, step: int) -> dict[str, list[Any]]:
+        root = self.directory / str(step)
+        return {path.relative_to(root).as_posix(): [path.stat().st_size, _sha256_file(path)]
+                for path in sorted(root.rglob("*"))
+                if path.is_file() and path.name != FILES_MANIFEST and not path.name.startswith(".")}
+
+    def _write_files_manifest(self, step: int) -> None:
+        atomic_write_bytes(self.directory / str(step) / FILES_MANIFEST,
+                           _canonical_json({"files": self._step_files(step)}).encode())
+
+    def _verify_files(self, step: int) -> None:
+        """Compare the step's files with its manifest (a step saved asynchronously, or killed before the manifest
+        was written, has none: then only the digests check it). Raises :class:`CheckpointError` naming the file."""
+        manifest = self.directory / str(step) / FILES_MANIFEST
+        if not manifest.is_file():
+            return
+        where = f"step {step} in {self.directory}"
+        try:
+            recorded = json.loads(manifest.read_bytes())["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{where}: {FILES_MANIFEST} is unreadable ({_one_line(exc)})") from exc
+        root = self.directory / str(step)
+        for name, (size, sha) in sorted(recorded.items()):
+            path = root / name
+            if not path.is_file():
+                raise CheckpointError(f"{where}: file {name} is missing")
+            actual = path.stat().st_size
+            if actual != size:
+                raise CheckpointError(f"{where}: file {name} is {actual} bytes, {size} when saved (truncated?)")
+            if _sha256_file(path) != sha:
+                raise CheckpointError(f"{where}: file {name} does not match its sha256 (altered)")
 
     def wait_until_finished(self) -> None:
         """Block until an asynchronous save is on disk."""
@@ -178,6 +315,10 @@ class TrainCheckpointer:
     # -- restore ------------------------------------------------------------------------------------------------
     def restore(self, template: State, step: int | None = None) -> State:
         """Restore ``step`` (default: latest) into the structure of ``template`` (arrays or ShapeDtypeStructs)."""
+        return self.restore_with_extras(template, step)[0]
+
+    def restore_with_extras(self, template: State, step: int | None = None) -> tuple[State, dict[str, Any]]:
+        """``(state, extras)`` of ``step`` (default: latest), both checked against the digests saved with them."""
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -186,23 +327,70 @@ class TrainCheckpointer:
             raise CheckpointError(
                 f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})"
             )
+        self._verify_files(step)
         self._check_metadata(step)
         self._check_template(step, template)
-        args = ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardRestore(template)})
+        args = ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardRestore(template),
+                                     _EXTRAS_ITEM: ocp.args.JsonRestore(), _DIGEST_ITEM: ocp.args.JsonRestore()})
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as exc:  # Orbax/TensorStore raise many types; name the place and keep the cause
-            raise CheckpointError(
-                f"cannot restore step {step} from {self.directory}: {type(exc).__name__}: {exc}"
-            ) from exc
-        return restored[_STATE_ITEM]
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {_one_line(exc)}") from exc
+        state, extras, digest = restored[_STATE_ITEM], restored[_EXTRAS_ITEM], restored[_DIGEST_ITEM]
+        if not isinstance(digest, dict) or not isinstance(extras, dict):
+            raise CheckpointError(f"step {step} in {self.directory} has no '{_DIGEST_ITEM}' or '{_EXTRAS_ITEM}' "
+                                  "record (saved by an older version?)")
+        if digest.get("state_sha256") != state_digest(state):
+            raise CheckpointError(f"step {step} in {self.directory}: the restored state does not match its sha256 "
+                                  "(a file of the step is truncated or altered)")
+        if digest.get("extras_sha256") != _json_digest(extras):
+            raise CheckpointError(f"step {step} in {self.directory}: '{_EXTRAS_ITEM}' does not match its sha256 "
+                                  "(altered)")
+        return state, extras
 
-    def resume(self, init_state: State) -> tuple[State, int | None]:
-        """``(restored latest state, its step)`` if a checkpoint exists, else ``(init_state, None)``."""
-        step = self.latest_step()
-        if step is None:
-            return init_state, None
-        return self.restore(init_state, step), step
+    def resume(self, init_state: State) -> Resumed:
+        """The newest intact checkpoint restored into ``init_state``'s structure, or ``init_state`` without one.
+
+        Newer steps that cannot be restored (truncated, corrupt or missing files) are skipped: each is moved to
+        ``<directory>/unreadable/<step>`` with a warning. If no step is intact, raises :class:`CheckpointError`
+        naming them and the directory to delete. A :class:`CheckpointMismatchError` (other settings or structure)
+        is raised at once: that is not damage but a different run.
+        """
+        steps = self.all_steps()
+        if not steps:
+            return Resumed(init_state, None, None)
+        failures: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            try:
+                state, extras = self.restore_with_extras(init_state, step)
+            except CheckpointMismatchError:
+                raise
+            except CheckpointError as exc:
+                failures.append((step, str(exc)))
+                del exc
+                _collect_quietly()  # Orbax's abandoned reads would print TensorStore specs at exit
+                continue
+            for bad, exc in failures:
+                moved = self._move_aside(bad)
+                log.warning("checkpoint step %d is unreadable and skipped, moved to %s (%s); resuming from step %d",
+                            bad, moved, exc, step)
+            if failures:
+                self._manager.reload()
+            return Resumed(state, step, extras, tuple(bad for bad, _ in failures))
+        reasons = "; ".join(reason for _, reason in failures)
+        raise CheckpointError(f"no intact checkpoint in {self.directory} ({reasons}); delete {self.directory} to "
+                              "start this run over")
+
+    def _move_aside(self, step: int) -> Path:
+        source = self.directory / str(step)
+        target = self.directory / UNREADABLE_DIR / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = target.with_name(f"{step}-{suffix}")
+        os.replace(source, target)
+        return target
 
     def stored_metadata(self, step: int) -> dict[str, Any]:
         """The metadata dict saved with ``step``."""
@@ -210,7 +398,9 @@ class TrainCheckpointer:
         try:
             return dict(self._manager.restore(step, args=args)[_META_ITEM] or {})
         except Exception as exc:
-            raise CheckpointError(f"cannot read metadata of step {step} in {self.directory}: {exc}") from exc
+            raise CheckpointError(
+                f"cannot read metadata of step {step} in {self.directory}: {_one_line(exc)}"
+            ) from exc
 
     def _check_metadata(self, step: int) -> None:
         if self.metadata is None:
@@ -232,7 +422,9 @@ class TrainCheckpointer:
         try:
             tree_metadata = self._manager.item_metadata(step)[_STATE_ITEM]
         except Exception as exc:
-            raise CheckpointError(f"cannot read metadata of step {step} in {self.directory}: {exc}") from exc
+            raise CheckpointError(
+                f"cannot read metadata of step {step} in {self.directory}: {_one_line(exc)}"
+            ) from exc
         if tree_metadata is None:
             raise CheckpointError(f"step {step} in {self.directory} has no '{_STATE_ITEM}' item")
         stored = {
@@ -307,8 +499,9 @@ def _array_entry(path: tuple[str, ...], leaf: Any) -> list[Any]:
     arr = np.asarray(leaf)
     if arr.dtype.kind not in _ALLOWED_KINDS:
         raise TypeError(f"policy param {'/'.join(path)} has unsupported dtype {arr.dtype}")
+    shape = list(arr.shape)  # before ascontiguousarray, which makes a 0-d array 1-d
     arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    return [list(path), arr.dtype.str, list(arr.shape), arr.tobytes()]
+    return [list(path), arr.dtype.str, shape, arr.tobytes()]
 
 
 def encode_policy(params: Any, metadata: Mapping[str, Any]) -> bytes:

@@ -23,7 +23,34 @@ from tqdm.auto import tqdm
 
 
 class NonFiniteLossError(RuntimeError):
-    """A training metric became NaN or infinite."""
+    """A training metric became NaN or infinite; ``metric``, ``first_step`` and ``last_step`` say which and when."""
+
+    def __init__(self, message: str, *, metric: str = "", first_step: int = 0, last_step: int = 0) -> None:
+        super().__init__(message)
+        self.metric, self.first_step, self.last_step = metric, first_step, last_step
+
+
+class MetricHistory:
+    """Every logged row of a run, ``[step, {name: value}]`` in logging order, as JSON-able lists.
+
+    Saved with each checkpoint and restored on resume, so a resumed run reports the whole learning curve: the rows
+    up to the checkpoint come from it, the later ones are logged again by the replayed steps.
+    """
+
+    def __init__(self, rows: list | None = None) -> None:
+        self.rows: list[list[Any]] = []
+        for row in rows or []:
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], int)
+                    and isinstance(row[1], dict)):
+                raise ValueError(f"metric history row {row!r} is not [step, {{name: value}}]")
+            self.record(row[0], row[1])
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append([int(step), {str(name): float(value) for name, value in metrics.items()}])
+
+    def upto(self, step: int) -> MetricHistory:
+        """The rows logged at or before ``step``."""
+        return MetricHistory([row for row in self.rows if row[0] <= step])
 
 
 @dataclass(frozen=True)
@@ -62,7 +89,7 @@ class Schedule:
 
 
 class Checkpointer(Protocol):
-    def save(self, step: int, state: Any, *, force: bool = False) -> bool: ...
+    def save(self, step: int, state: Any, *, force: bool = False, **kwargs: Any) -> bool: ...
 
 
 def check_finite(metrics: dict[str, np.ndarray], first_step: int, last_step: int) -> None:
@@ -72,7 +99,8 @@ def check_finite(metrics: dict[str, np.ndarray], first_step: int, last_step: int
             raise NonFiniteLossError(
                 f"{name} became non-finite ({np.asarray(value).ravel()[~np.isfinite(np.asarray(value).ravel())][0]}) "
                 f"between update steps {first_step} and {last_step}; training stopped, the last good checkpoint "
-                "is kept (lower the learning rate or check the data)"
+                "is kept (lower the learning rate or check the data)",
+                metric=name, first_step=first_step, last_step=last_step,
             )
 
 
@@ -96,6 +124,7 @@ def run(
     eval_at_end: bool = True,
     refresh: Callable[[Any, Any], Any] | None = None,
     swap: Callable[[int, Any], Any] | None = None,
+    checkpoint_extras: Callable[[], dict[str, Any]] | None = None,
     progress: bool = True,
     description: str = "train",
 ) -> Any:
@@ -107,7 +136,9 @@ def run(
     the calls since the previous boundary. ``on_eval(step, state)`` runs at ``eval_every`` boundaries and, with
     ``eval_at_end``, after the last step. ``swap(step, data) -> data`` replaces the data (the next file of a
     multi-file dataset) at every ``swap_every`` boundary; a resumed run must start with the file of its start step.
-    The final state is always checkpointed.
+    The final state is always checkpointed. At a step that is both an evaluation and a checkpoint boundary the
+    evaluation runs first, so what ``on_metrics`` and ``on_eval`` logged up to a checkpoint's step is all done when
+    it is saved: ``checkpoint_extras()`` (a JSON-able dict, e.g. the metric history) is saved with each checkpoint.
     """
     if start_step % schedule.updates_per_call or start_step > schedule.total_steps:
         raise ValueError(f"start_step {start_step} is not a call boundary of {schedule}")
@@ -141,12 +172,15 @@ def run(
             final = step == schedule.total_steps
             if final or schedule.due(step, schedule.log_every) or schedule.due(step, schedule.checkpoint_every):
                 flush()
-            if checkpointer is not None and (final or schedule.due(step, schedule.checkpoint_every)):
-                checkpointer.save(step, state, force=final)
             if on_eval is not None and (eval_at_end if final else schedule.due(step, schedule.eval_every)):
                 flush()
                 on_eval(step, state)
                 clock = time.perf_counter()  # evaluation time is not training time
+            if checkpointer is not None and (final or schedule.due(step, schedule.checkpoint_every)):
+                if checkpoint_extras is None:
+                    checkpointer.save(step, state, force=final)
+                else:
+                    checkpointer.save(step, state, force=final, extras=checkpoint_extras())
             if swap is not None and not final and schedule.due(step, schedule.swap_every):
                 flush()
                 data = swap(step, data)
