@@ -671,16 +671,21 @@ def _check_shard_file(
         # checksums are verified even after a sha256 check: a shard damaged before the manifest hashed it (or a
         # resealed manifest) must not decode as other numbers.
         pf = pq.ParquetFile(path, pre_buffer=False, page_checksum_verification=True)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
         raise ShardCacheError(f"shard {path} is not a readable Parquet file ({_one_line(exc)})") from None
     expected = cache_schema(manifest.F, manifest.h, manifest.d, manifest.method)
-    schema = pf.schema_arrow
+    try:
+        schema = pf.schema_arrow
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        num_rows = pf.metadata.num_rows
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # a damaged footer
+        pf.close()
+        raise ShardCacheError(f"shard {path} has an unreadable Parquet footer ({_one_line(exc)})") from None
     if not schema.equals(expected, check_metadata=False):
         raise ShardCacheError(
             f"shard {path} schema {_one_line(schema)} != expected {_one_line(expected)}: "
             "re-pull or rebuild the cache"
         )
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     version = meta.get("rql.schema_version")
     if version != str(SCHEMA_VERSION):
         raise ShardCacheError(f"shard {path} schema version {version!r} != supported {SCHEMA_VERSION}")
@@ -689,8 +694,8 @@ def _check_shard_file(
             raise ShardCacheError(
                 f"shard {path} {key}={meta.get(f'rql.{key}')!r} != manifest {getattr(manifest, key)!r}"
             )
-    if pf.metadata.num_rows != info.rows:
-        raise ShardCacheError(f"shard {path} has {pf.metadata.num_rows} rows, manifest says {info.rows}")
+    if num_rows != info.rows:
+        raise ShardCacheError(f"shard {path} has {num_rows} rows, manifest says {info.rows}")
     return pf
 
 
@@ -785,7 +790,7 @@ def _iter_checked(
                         f"shard {path} ends at row {int(rows[-1])}, manifest {info.last_row}"
                     )
                 yield CacheBatch(info.file, rows, x, err)
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
             raise ShardCacheError(
                 f"shard {path}: read failed ({_one_line(exc)}): re-pull or rebuild the cache"
             ) from None
