@@ -3,7 +3,9 @@
     python -m stages.evaluate --agent rql --task cube-single-play-singletask-task2-v0 --seed 0
 
 ``evaluate.episodes`` episodes over ``evaluate.envs`` environments in ``evaluate.workers`` processes, one batched
-policy call per chunk; success rate with its Wilson 95% interval, returns and lengths.
+policy call per chunk; success rate with its Wilson 95% interval, returns and lengths. The env processes start
+before this one imports JAX and compiles the policy, and the GIF episode is replayed and rendered by a process of
+its own while the other episodes run (see benchmarks/evaluate_stage.py for the wall times).
 """
 
 from __future__ import annotations
@@ -19,21 +21,29 @@ GIF_FRAME_SKIP = 2
 
 def main(argv: list[str]) -> None:
     args, params = cli.stage_args("stages.evaluate", __doc__, argv, per_run=True)
-    cli.select_device(params.train.device)
+    from stages.core import rollout  # numpy only: no JAX, no envs in this process
 
-    from stages.agent_setup import config_from_metadata, make_policy
-    from stages.core import checkpoints, rollout, video
-
-    policy_path = layout.run_dir(args.agent, args.task, args.seed) / "policy.msgpack"
-    loaded = checkpoints.load_policy(policy_path, expected_metadata={"agent": args.agent, "task": args.task,
-                                                                     "seed": args.seed})
-    algorithm, config = config_from_metadata(loaded.metadata)
     e = params.evaluate
-    result = rollout.evaluate(
-        make_policy(algorithm, config, loaded.params), env_for_task(args.task), episodes=e.episodes,
-        seed=rollout.EVAL_SEED + args.seed, num_envs=min(e.envs, e.episodes), workers=min(e.workers, e.envs),
-        video_episodes=1 if e.video else 0, frame_skip=GIF_FRAME_SKIP, progress=not args.no_progress,
-    )
+    num_envs = min(e.envs, e.episodes)
+    # The env processes start first and build their envs (and the video process its renderer) while this process
+    # imports JAX and the agent, loads the policy and compiles it (the warm-up call); this process steps no env.
+    with rollout.Evaluator(env_for_task(args.task), num_envs=num_envs, workers=min(e.workers, num_envs),
+                           in_process=False, video_process=e.video) as evaluator:
+        cli.select_device(params.train.device)
+        from stages.agent_setup import config_from_metadata, make_policy
+        from stages.core import checkpoints
+
+        policy_path = layout.run_dir(args.agent, args.task, args.seed) / "policy.msgpack"
+        loaded = checkpoints.load_policy(policy_path, expected_metadata={"agent": args.agent, "task": args.task,
+                                                                         "seed": args.seed})
+        algorithm, config = config_from_metadata(loaded.metadata)
+        result = evaluator.run(
+            make_policy(algorithm, config, loaded.params), episodes=e.episodes, seed=rollout.EVAL_SEED + args.seed,
+            video_episodes=1 if e.video else 0, frame_skip=GIF_FRAME_SKIP, progress=not args.no_progress,
+            warm_up=True, obs_shape=(config.obs_dim,),
+        )
+    from stages.core import video
+
     s = result.summary
     gif = layout.eval_gif(args.agent, args.task, args.seed)
     gif.parent.mkdir(parents=True, exist_ok=True)  # a DVC output, empty without video

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import gymnasium
 import imageio.v3 as iio
@@ -441,3 +447,96 @@ def test_video_frames_and_gif(local, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["rollout.gif"]  # no temporary file left behind
     with pytest.raises(ValueError, match="no frames"):
         write_gif(tmp_path / "empty.gif", [])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Worker processes only (in_process=False), the video process, workers that die with their parent
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_envs_in_worker_processes_only_give_the_same_results_and_frames(local, tmp_path, monkeypatch):
+    kwargs = {"episodes": 3, "seed": 7, "key_mode": "row", "max_episode_steps": 24, "video_episodes": 2,
+              "frame_skip": 5}
+    inline = local.run(OraclePolicy(h=3, noise=0.2), **kwargs)
+    timeline = tmp_path / "timeline.tsv"
+    monkeypatch.setenv("RQL_EVAL_TIMELINE", str(timeline))
+    seen = []
+
+    def policy(obs, key):
+        seen.append(obs.shape)
+        return OraclePolicy(h=3, noise=0.2)(obs, key)
+
+    with Evaluator(TASK, num_envs=2, workers=2, in_process=False, video_process=True) as remote:
+        assert remote._backend.local is None and len(remote._backend.procs) == 3  # 2 env processes + video
+        assert not remote._backend.spaces_known(), "the constructor must not wait for the workers"
+        replayed = remote.run(policy, **kwargs, warm_up=True, obs_shape=(28,))
+        assert remote.obs_shape == (28,) and remote.action_dim == 5
+        with pytest.raises(ValueError, match="obs_shape"):
+            remote.run(policy, episodes=1, max_episode_steps=3, obs_shape=(27,))
+    assert outcomes(replayed) == outcomes(inline)
+    assert seen[0] == (2, 28) and replayed.summary.policy_calls == len(seen) - 1  # the warm-up call first
+    assert set(replayed.videos) == set(inline.videos) == {0, 1}
+    for j in (0, 1):  # replayed from the seed and the executed actions: the very frames rendered while it ran
+        assert replayed.videos[j].shape[0] == inline.videos[j].shape[0] > 2
+        assert np.array_equal(replayed.videos[j], inline.videos[j])
+    events = [line.split("\t")[0] for line in timeline.read_text().splitlines()][:5]  # then the bad run's
+    assert events == ["warm-up done", "envs ready", "first episode end", "episodes done", "videos done"]
+
+
+def test_a_diverging_replay_is_an_error(monkeypatch):
+    from stages.core import rollout
+
+    real = rollout._Backend.receive_replay
+
+    def off_by_one(self):
+        reward_sum, taken, done, success, frames = real(self)
+        return reward_sum, taken + 1, done, success, frames
+
+    monkeypatch.setattr(rollout._Backend, "receive_replay", off_by_one)
+    with (Evaluator(TASK, num_envs=1, workers=1, video_process=True) as evaluator,
+          pytest.raises(RuntimeError, match="replay of episode 0 .* diverged")):
+        evaluator.run(OraclePolicy(h=2), episodes=1, max_episode_steps=4, video_episodes=1)
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from stages.core.rollout import Evaluator
+evaluator = Evaluator("cube-single-play-singletask-task2-v0", num_envs=1, workers=1, in_process=False)
+evaluator._backend.wait_ready()
+holder = os.fork()  # keeps this process's end of the worker's socket open: the worker sees no EOF when we die
+if holder == 0:
+    time.sleep(60)
+    os._exit(0)
+print(evaluator._backend.procs[0].pid, holder, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, only not reaped yet
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_killed_parent():
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], cwd=root, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    holder = None
+    try:
+        worker, holder = (int(p) for p in parent.stdout.readline().split())
+        assert _alive(worker)
+        parent.kill()  # SIGKILL: no finalizer, no atexit, and the socket stays open in `holder`
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), f"worker {worker} outlived its killed parent"
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+        if holder is not None and _alive(holder):
+            os.kill(holder, signal.SIGKILL)

@@ -65,6 +65,7 @@ Policy = Callable[[np.ndarray, Any], Any]
 KeyMode = Literal["call", "row"]
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+TIMELINE_ENV = "RQL_EVAL_TIMELINE"  # a file: Evaluator.run appends "<event>\t<unix time>" lines (benchmarks)
 EVAL_SEED = 1_000_000  # base seed of evaluation episodes (run seed added), apart from training seeds; the evaluate
 # stage and the evaluations during training use the same episodes
 
@@ -81,6 +82,15 @@ def episode_seed(base_seed: int, episode: int) -> int:
             f"seed and episode index must be non-negative, got seed={base_seed}, episode={episode}"
         )
     return int(np.random.SeedSequence([int(base_seed), int(episode)]).generate_state(1, dtype=np.uint32)[0])
+
+
+def _mark(event: str) -> None:
+    """Append ``event`` and the wall-clock time to the file named by $RQL_EVAL_TIMELINE, if set (for benchmarks that
+    time a whole process: start-up up to the first finished episode, the rollout, the video)."""
+    path = os.environ.get(TIMELINE_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{event}\t{time.time():.6f}\n")
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
@@ -340,6 +350,16 @@ class _EnvGroup:
             out.append((i, np.asarray(obs), reward_sum, taken, done, success, frames))
         return out
 
+    def replay(self, seed: int, limit: int, frame_skip: int, actions: np.ndarray) -> tuple:
+        """Re-run an episode from its reset seed and executed actions (T, d) on env 0, rendering its frames.
+
+        The same steps and frames as rendering it while it ran (same stepper, same states). Returns (reward sum,
+        steps taken, done, success, frames) for the caller to check against the original episode.
+        """
+        _, _, frames = self.reset([(0, seed, limit, frame_skip)])[0]
+        _, _, reward_sum, taken, done, success, more = self.run_chunks([(0, actions)])[0]
+        return reward_sum, taken, done, success, frames + more
+
     def close(self) -> None:
         for env in self.envs:
             env.close()
@@ -355,12 +375,20 @@ def _serve(conn, group: _EnvGroup) -> None:
             conn.send(("ok", group.reset(payload)))
         elif command == "run":
             conn.send(("ok", group.run_chunks(payload)))
+        elif command == "replay":
+            conn.send(("ok", group.replay(*payload)))
         else:
             conn.send(("error", f"unknown command {command!r}"))
 
 
 def _worker_entry(fd: int) -> None:
-    """Entry point of a worker process: receive its configuration on ``fd``, build the envs, serve commands."""
+    """Entry point of a worker process: receive its configuration on ``fd``, build the envs, serve commands.
+
+    It first asks the kernel to kill it when its parent dies (a killed stage leaves no env process behind).
+    """
+    from stages.core.parent_watch import die_with_parent
+
+    die_with_parent()
     os.environ.setdefault("MUJOCO_GL", "egl")
     conn = Connection(fd)
     group = None
@@ -406,26 +434,30 @@ def _start_worker(config: tuple) -> tuple[Connection, subprocess.Popen]:
 
 
 def _stop_workers(conns: list[Connection], procs: list[subprocess.Popen]) -> None:
-    """Ask workers to close, wait for them, and terminate any that do not exit."""
+    """Ask workers to close, wait for them, and terminate any that do not exit.
+
+    Our ends are closed right after the request (a worker still reads it), so a worker blocked sending a reply
+    nobody will read (a video after an error) fails at once instead of holding up the wait.
+    """
     for conn in conns:
         with contextlib.suppress(OSError):
             conn.send(("close", None))
+        conn.close()
     for proc in procs:
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.terminate()
             proc.wait(timeout=5)
-    for conn in conns:
-        conn.close()
 
 
 class _Backend:
-    """Environment groups: group 0 in this process, groups 1.. in worker processes, stepped concurrently.
+    """Environment groups stepped concurrently: group 0 in this process (``local``) or in a worker process, groups
+    1.. in worker processes; optionally one more worker process that only replays and renders video episodes.
 
-    Workers are started first and build their environments while this process builds its own; their readiness is
-    only awaited by :meth:`wait_ready` (called by the first command), so the caller can do other start-up work --
-    compile its policy -- meanwhile.
+    Workers are started first (before this process builds its own envs); their readiness is only awaited by
+    :meth:`wait_ready` (called by the first command, or for the spaces when no group is local), so the caller can
+    do other start-up work -- import and compile its policy -- meanwhile.
     """
 
     def __init__(
@@ -436,51 +468,77 @@ class _Backend:
         env_kwargs: dict,
         fast_env: bool,
         shadow_size: int | None,
+        local: bool = True,
+        renderer: bool = False,
     ):
         self.conns: list[Connection] = []
         self.procs: list[subprocess.Popen] = []
         self.broken = False
+        self.offset = 1 if local else 0  # group w runs in worker process w - offset (conns, procs)
+        self.local: _EnvGroup | None = None
+        self.renderer: Connection | None = None
+        self._renderer_ready = False
+        self._spaces: dict | None = None
         self._finalizer = weakref.finalize(self, _stop_workers, self.conns, self.procs)
         try:
-            for count in counts[1:]:  # start the workers first: they build their envs while this process does
+            for count in counts[self.offset :]:  # start the workers first: they build their envs while we work
                 conn, proc = _start_worker((env_id, count, render_size, env_kwargs, fast_env, shadow_size))
                 self.conns.append(conn)
                 self.procs.append(proc)
-            self.local = _EnvGroup(env_id, counts[0], render_size, env_kwargs, fast_env, shadow_size)
-            self._spaces = self.local.spaces()
+            if renderer:  # after the stepping workers, so it does not delay them
+                conn, proc = _start_worker((env_id, 1, render_size, env_kwargs, fast_env, shadow_size))
+                self.conns.append(conn)
+                self.procs.append(proc)
+                self.renderer = conn
+            if local:
+                self.local = _EnvGroup(env_id, counts[0], render_size, env_kwargs, fast_env, shadow_size)
+                self._spaces = self.local.spaces()
         except BaseException:
             self.close()
             raise
-        self._pending = list(range(1, len(counts)))
+        self._pending = list(range(self.offset, len(counts)))
 
     def wait_ready(self) -> None:
         """Wait until every worker has built its environments (raising a worker's start-up error)."""
         try:
             while self._pending:
-                spaces = self._receive(self._pending[0])
-                if spaces != self._spaces:
-                    raise RuntimeError(f"rollout worker envs differ from this process's: {spaces} != {self._spaces}")
+                self._check_spaces(self._receive(self._pending[0]))
                 self._pending.pop(0)
         except BaseException:
             self.broken = True
             raise
 
+    def _check_spaces(self, spaces: dict) -> None:
+        if self._spaces is None:
+            self._spaces = spaces
+        elif spaces != self._spaces:
+            raise RuntimeError(f"rollout worker envs differ from the others: {spaces} != {self._spaces}")
+
     def _receive(self, worker: int):
+        return self._receive_on(self.conns[worker - self.offset], self.procs[worker - self.offset], f"{worker}")
+
+    @staticmethod
+    def _receive_on(conn: Connection, proc: subprocess.Popen, name: str):
         try:
-            status, payload = self.conns[worker - 1].recv()
+            status, payload = conn.recv()
         except EOFError:
-            proc = self.procs[worker - 1]
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
             raise RuntimeError(
-                f"rollout worker {worker} died (exit code {proc.returncode}); see its output above"
+                f"rollout worker {name} died (exit code {proc.returncode}); see its output above"
             ) from None
         if status != "ok":
-            raise RuntimeError(f"rollout worker {worker} failed:\n{payload}")
+            raise RuntimeError(f"rollout worker {name} failed:\n{payload}")
         return payload
 
     def spaces(self) -> dict:
+        """Observation and action spaces of the envs (waits for the workers when no group is local)."""
+        if self._spaces is None:
+            self.wait_ready()
         return self._spaces
+
+    def spaces_known(self) -> bool:
+        return self._spaces is not None
 
     def call(self, command: str, per_worker: list[list]) -> list[list]:
         """Run ``command`` with each group's items: remote groups first (sent), then the local one, then collect.
@@ -491,11 +549,11 @@ class _Backend:
             raise RuntimeError("an earlier environment step failed; close this Evaluator and make a new one")
         self.wait_ready()
         try:
-            busy = [w for w in range(1, len(per_worker)) if per_worker[w]]
+            busy = [w for w in range(self.offset, len(per_worker)) if per_worker[w]]
             for w in busy:
-                self.conns[w - 1].send((command, per_worker[w]))
+                self.conns[w - self.offset].send((command, per_worker[w]))
             results: list[list] = [[] for _ in per_worker]
-            if per_worker[0]:
+            if self.local is not None and per_worker[0]:
                 method = self.local.reset if command == "reset" else self.local.run_chunks
                 results[0] = method(per_worker[0])
             for w in busy:
@@ -504,6 +562,36 @@ class _Backend:
             self.broken = True
             raise
         return results
+
+    # -- the video process: requests are sent at once, replies collected when they are there (or at the end) -------
+    def send_replay(self, seed: int, limit: int, frame_skip: int, actions: np.ndarray) -> None:
+        """Ask the video process to replay an episode and render its frames (replies come in request order)."""
+        self.renderer.send(("replay", (seed, limit, frame_skip, actions)))
+
+    def replay_ready(self) -> bool:
+        """Whether a replay reply can be read without waiting."""
+        if not self._renderer_ready and self.renderer.poll():
+            self._receive_renderer_ready()
+        return self._renderer_ready and self.renderer.poll()
+
+    def _receive_renderer_ready(self) -> None:
+        """Read the video process's start-up message (the spaces of its env), which comes before any reply."""
+        try:
+            self._check_spaces(self._receive_on(self.renderer, self.procs[-1], "(video)"))
+        except BaseException:
+            self.broken = True
+            raise
+        self._renderer_ready = True
+
+    def receive_replay(self) -> tuple:
+        """The next replay reply: (reward sum, steps taken, done, success, frames); waits for it."""
+        if not self._renderer_ready:
+            self._receive_renderer_ready()
+        try:
+            return self._receive_on(self.renderer, self.procs[-1], "(video)")
+        except BaseException:
+            self.broken = True
+            raise
 
     def close(self) -> None:
         self._finalizer()
@@ -619,6 +707,7 @@ class _Slot:
     length: int = 0
     queries: int = 0
     frames: list = field(default_factory=list)
+    actions: list | None = None  # the executed chunks, for a video episode replayed by the video process
 
 
 def pipeline_groups(num_envs: int, workers: int, pipeline: bool) -> list[list[int]]:
@@ -646,8 +735,16 @@ class Evaluator:
     Args:
         env_name: env id or task name (see :func:`resolve_env_id`).
         num_envs: environments run side by side (default ``2 * workers``); also the default padded batch size.
-        workers: processes stepping the environments, this one included: ``workers - 1`` worker processes are
-            started, and this process steps its share of the environments while they step theirs.
+        workers: processes stepping the environments: with ``in_process`` this one included (``workers - 1``
+            worker processes are started, and this process steps its share of the environments while they step
+            theirs), else ``workers`` worker processes and this process steps none.
+        in_process: whether this process steps a share of the environments. False leaves this process free for
+            its own start-up (importing and compiling the policy) while the workers build every env, and the
+            constructor returns at once; which process steps an env does not change results.
+        video_process: render video episodes in one more worker process, which replays each from its reset seed
+            and executed actions once it has ended (the same frames), instead of rendering them in the env
+            that runs them: rendering (~0.1 s of CPU a frame) then overlaps the other episodes instead of holding
+            up every env at each chunk.
         render_size: (width, height) of rendered video frames.
         shadow_size: shadow map size (pixels a side) for video frames of MuJoCo envs that use shadows; None keeps
             the model's (OGBench: 4096). With headless software rendering (EGL on llvmpipe, no GPU) a frame costs
@@ -670,6 +767,8 @@ class Evaluator:
         env_kwargs: dict | None = None,
         fast_env: bool = True,
         shadow_size: int | None = 1024,
+        in_process: bool = True,
+        video_process: bool = False,
     ):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
@@ -689,15 +788,32 @@ class Evaluator:
         kwargs = dict(env_kwargs or {})
         size = (int(render_size[0]), int(render_size[1]))
         counts = _split_round_robin(num_envs, workers)
-        self._backend = _Backend(self.env_id, counts, size, kwargs, bool(fast_env), shadow_size)
-        info = self._backend.spaces()
-        self.obs_shape: tuple[int, ...] = info["obs_shape"]
-        self.obs_dtype = np.dtype(info["obs_dtype"])
-        self.action_dim: int = info["action_dim"]
-        self.time_limit: int | None = info["time_limit"]
-        self.fast_env: bool = info["fast"]
+        self._backend = _Backend(
+            self.env_id, counts, size, kwargs, bool(fast_env), shadow_size, bool(in_process), bool(video_process)
+        )
         self._setup_time = time.perf_counter() - start
         self._closed = False
+
+    # -- the envs' spaces (known once the envs exist: at once with in_process, else from the first worker) -------
+    @property
+    def obs_shape(self) -> tuple[int, ...]:
+        return self._backend.spaces()["obs_shape"]
+
+    @property
+    def obs_dtype(self) -> np.dtype:
+        return np.dtype(self._backend.spaces()["obs_dtype"])
+
+    @property
+    def action_dim(self) -> int:
+        return self._backend.spaces()["action_dim"]
+
+    @property
+    def time_limit(self) -> int | None:
+        return self._backend.spaces()["time_limit"]
+
+    @property
+    def fast_env(self) -> bool:
+        return self._backend.spaces()["fast"]
 
     # -- slot <-> (worker, local index) ---------------------------------------------------------------------------
     def _place(self, slot: int) -> tuple[int, int]:
@@ -729,6 +845,7 @@ class Evaluator:
         progress: bool = False,
         warm_up: bool = False,
         pipeline: bool = False,
+        obs_shape: tuple[int, ...] | None = None,
     ) -> EvalResult:
         """Run ``episodes`` episodes of ``policy`` and summarize them.
 
@@ -757,6 +874,8 @@ class Evaluator:
                 asynchronous dispatch: return the jax array, do not convert it to numpy); the policy is then called
                 with batches of ``num_envs / 2`` rows. With a policy that computes synchronously it only halves the
                 batches. In 'call' key mode a stochastic policy's results differ with and without it.
+            obs_shape: the observation shape, if known beforehand: lets the warm-up call (float32 zeros) run
+                before the worker processes have reported their envs (``in_process=False``); checked against them.
         """
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
@@ -774,29 +893,44 @@ class Evaluator:
         if not isinstance(batch_size, int) or batch_size < group_size:
             what = "num_envs" if len(groups) == 1 else "the pipeline's group size"
             raise ValueError(f"batch_size must be an integer >= {what} ({group_size}), got {batch_size!r}")
-        limit = self.time_limit if max_episode_steps is None else max_episode_steps
-        if limit is None:
-            raise ValueError(f"{self.env_id} has no time limit: pass max_episode_steps")
-        _check_positive("max_episode_steps", limit)
-        if self.time_limit is not None and limit > self.time_limit:
-            raise ValueError(
-                f"max_episode_steps={limit} exceeds the time limit of {self.env_id} ({self.time_limit})"
-            )
+        if max_episode_steps is not None:
+            _check_positive("max_episode_steps", max_episode_steps)
         if not callable(policy):
             raise TypeError(f"policy must be callable, got {type(policy).__name__}")
+        if obs_shape is not None:
+            obs_shape = tuple(int(n) for n in obs_shape)
 
         keys = _Keys(int(seed), key_mode, batch_size)
-        obs_dtype = np.float32 if np.issubdtype(self.obs_dtype, np.floating) else self.obs_dtype
-        batch = np.zeros((batch_size, *self.obs_shape), dtype=obs_dtype)
         warm_up_time = 0.0
         if warm_up:
+            shape = obs_shape if obs_shape is not None and not self._backend.spaces_known() else None
+            if shape is None:  # from the envs (waits for the workers when none is local)
+                shape = self.obs_shape
+                dtype = np.float32 if np.issubdtype(self.obs_dtype, np.floating) else self.obs_dtype
+            else:
+                dtype = np.float32
             begin = time.perf_counter()
-            policy(batch.copy(), keys(0, np.zeros(0, np.uint32), np.zeros(0, np.uint32)))
+            policy(np.zeros((batch_size, *shape), dtype), keys(0, np.zeros(0, np.uint32), np.zeros(0, np.uint32)))
             warm_up_time = time.perf_counter() - begin
+            _mark("warm-up done")
         begin = time.perf_counter()
         self._backend.wait_ready()
         setup_time = self._setup_time + time.perf_counter() - begin
         self._setup_time = 0.0
+        _mark("envs ready")
+        if obs_shape is not None and obs_shape != self.obs_shape:
+            raise ValueError(f"obs_shape {obs_shape} given, but the envs' observations are {self.obs_shape}")
+        limit = self.time_limit if max_episode_steps is None else max_episode_steps
+        if limit is None:
+            raise ValueError(f"{self.env_id} has no time limit: pass max_episode_steps")
+        if self.time_limit is not None and limit > self.time_limit:
+            raise ValueError(
+                f"max_episode_steps={limit} exceeds the time limit of {self.env_id} ({self.time_limit})"
+            )
+        obs_dtype = np.float32 if np.issubdtype(self.obs_dtype, np.floating) else self.obs_dtype
+        batch = np.zeros((batch_size, *self.obs_shape), dtype=obs_dtype)
+        replay = self._backend.renderer is not None  # video episodes: rendered by the video process
+        replays: list[EpisodeResult] = []  # sent to it, in order, whose frames have not come back
         start = time.perf_counter()
         policy_time = 0.0
         slots = [_Slot() for _ in range(self.num_envs)]
@@ -816,8 +950,9 @@ class Evaluator:
                     continue
                 j = next_episode
                 next_episode += 1
-                slots[s] = _Slot(episode=j)
-                items.append((s, episode_seed(seed, j), limit, frame_skip if j < video_episodes else 0))
+                slots[s] = _Slot(episode=j, actions=[] if replay and j < video_episodes else None)
+                record = j < video_episodes and not replay
+                items.append((s, episode_seed(seed, j), limit, frame_skip if record else 0))
             for s, (obs, frames) in self._dispatch("reset", items).items():
                 slots[s].obs = obs
                 slots[s].frames.extend(frames)
@@ -851,7 +986,7 @@ class Evaluator:
             horizon = chunks.shape[1]
             outcome = self._dispatch("run", [(s, chunks[row]) for row, s in enumerate(live)])
             finished = []
-            for s in live:
+            for row, s in enumerate(live):
                 obs, reward_sum, taken, done, success, frames = outcome[s]
                 slot = slots[s]
                 slot.obs = obs
@@ -859,16 +994,37 @@ class Evaluator:
                 slot.length += taken
                 slot.queries += 1
                 slot.frames.extend(frames)
+                if slot.actions is not None:
+                    slot.actions.append(chunks[row][:taken])
                 if done:
                     j = slot.episode
+                    if not results:
+                        _mark("first episode end")
                     results[j] = EpisodeResult(j, episode_seed(seed, j), success, slot.ret, slot.length, slot.queries)
                     if slot.frames:
                         videos[j] = np.stack(slot.frames)
+                    if slot.actions is not None:
+                        self._backend.send_replay(results[j].seed, limit, frame_skip, np.concatenate(slot.actions))
+                        replays.append(results[j])
                     finished.append(s)
                     if bar is not None:
                         bar.update(1)
             if finished:
                 start_episodes(finished)
+            while replays and self._backend.replay_ready():  # so the video process never waits for us to read
+                collect_replay()
+
+        def collect_replay() -> None:
+            """Receive the oldest replay's frames, checking that the replay reproduced its episode."""
+            reward_sum, taken, done, success, frames = self._backend.receive_replay()
+            original = replays.pop(0)
+            if (reward_sum, taken, done, success) != (original.episode_return, original.length, True, original.success):
+                self._backend.broken = True
+                raise RuntimeError(
+                    f"the replay of episode {original.episode} for its video diverged from the episode "
+                    f"(return {reward_sum} vs {original.episode_return}, length {taken} vs {original.length})"
+                )
+            videos[original.episode] = np.stack(frames)
 
         try:
             start_episodes(list(range(self.num_envs)))
@@ -878,6 +1034,10 @@ class Evaluator:
                     if pending[g] is not None:
                         execute(*pending[g])
                         pending[g] = query(group)
+            _mark("episodes done")
+            while replays:  # the video process's last frames
+                collect_replay()
+            _mark("videos done")
         finally:
             if bar is not None:
                 bar.close()
@@ -930,6 +1090,8 @@ def evaluate(
     fast_env: bool = True,
     pipeline: bool = False,
     shadow_size: int | None = 1024,
+    in_process: bool = True,
+    video_process: bool = False,
 ) -> EvalResult:
     """Evaluate ``policy`` for ``episodes`` episodes in a fresh :class:`Evaluator`; see :meth:`Evaluator.run`.
 
@@ -948,6 +1110,8 @@ def evaluate(
         env_kwargs=env_kwargs,
         fast_env=fast_env,
         shadow_size=shadow_size,
+        in_process=in_process,
+        video_process=video_process,
     ) as evaluator:
         return evaluator.run(
             policy,
