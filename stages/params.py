@@ -406,6 +406,19 @@ class EvaluateParams(_Section):
     video: Bool
 
 
+AutoOrPositiveInt = Annotated[Literal["auto"] | PositiveInt, Field(union_mode="left_to_right")]
+
+
+class ClusterParams(_Section):
+    """`python -m stages.cluster_repro` (the pipeline on Ray): what each stage's Ray task asks for. Read by no stage."""
+
+    gpus: PositiveFloat  # GPU share of each prior/reverse/train task where the cluster has GPUs (0.25: 4 per GPU)
+    cpus: PositiveInt  # CPUs of each task of the other stages (and of prior/reverse/train)
+    download_cpus: AutoOrPositiveInt  # auto: data.workers
+    evaluate_cpus: AutoOrPositiveInt  # auto: evaluate.workers
+    retries: NonNegativeInt  # retries of a task whose process or node died (a stage that fails is not retried)
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -421,6 +434,7 @@ class Params(_Section):
     reverse: ReverseParams
     train: TrainParams
     evaluate: EvaluateParams
+    cluster: ClusterParams
 
     _no_duplicates = field_validator("tasks", "seeds")(_unique)
 

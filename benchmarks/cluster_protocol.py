@@ -1,0 +1,204 @@
+"""Cost of the cluster protocol (python -m stages.cluster_repro) and makespan of a synthetic DAG on Ray.
+
+    python benchmarks/cluster_protocol.py overhead --stages 10 100   # per-stage reset/pull/push, final restore
+    python benchmarks/cluster_protocol.py makespan --stages 100 --nodes 4 --slots 1
+
+Both build a toy DVC repository of trivial stages (``python step.py``: sleep, then write a file derived from the
+deps), a DVC remote (a local folder, or ``--s3`` for moto's S3 server on 127.0.0.1) and a simulated Ray cluster
+(``ray.cluster_utils.Cluster``: a head without CPUs and ``--nodes`` worker nodes, each with its own clone pool), run
+the entry point against it and read the coordinator's ``summary.json``. ``makespan`` compares the measured makespan
+with the ideal: max(critical path, total work / slots). Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STEP = '''import hashlib, sys, time
+from pathlib import Path
+name, seconds, deps = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+time.sleep(seconds)
+digest = hashlib.sha256(name.encode())
+for dep in deps:
+    digest.update(Path(dep).read_bytes())
+Path("out").mkdir(exist_ok=True)
+Path("out", name + ".txt").write_text(digest.hexdigest() + "\\n")
+'''
+
+
+def random_dag(count: int, seed: int = 0, width: int = 8, max_deps: int = 2, sleep: tuple = (0.0, 0.0)) -> dict:
+    """name -> (deps, seconds): each stage depends on up to max_deps of the ``width`` stages before it."""
+    rng = random.Random(seed)
+    dag = {}
+    for index in range(count):
+        earlier = [f"s{j:03d}" for j in range(max(0, index - width), index)]
+        deps = sorted(rng.sample(earlier, min(len(earlier), rng.randint(0 if index < width else 1, max_deps))))
+        dag[f"s{index:03d}"] = (deps, round(rng.uniform(*sleep), 2))
+    return dag
+
+
+def ideal_makespan(dag: dict, slots: int) -> tuple[float, float]:
+    """(critical path, total work / slots) of stage durations alone."""
+    finish = {}
+    for name, (deps, seconds) in dag.items():
+        finish[name] = max((finish[d] for d in deps), default=0.0) + seconds
+    return max(finish.values()), sum(seconds for _, seconds in dag.values()) / slots
+
+
+def make_toy_repo(repo: Path, dag: dict, remote_config: dict[str, str]) -> None:
+    """A git + DVC repository of ``dag``'s stages, committed, with the project's params.yaml (cluster section)."""
+    repo.mkdir(parents=True)
+    (repo / "step.py").write_text(STEP)
+    shutil.copy2(ROOT / "params.yaml", repo / "params.yaml")
+    stages = {name: {"cmd": f"python step.py {name} {seconds} " + " ".join(f"out/{d}.txt" for d in deps),
+                     "deps": ["step.py", *(f"out/{d}.txt" for d in deps)], "outs": [f"out/{name}.txt"]}
+              for name, (deps, seconds) in dag.items()}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                    [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                    [sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", remote_config["url"]],
+                    *([sys.executable, "-m", "dvc", "remote", "modify", "shared", key, value]
+                      for key, value in remote_config.items() if key != "url"),
+                    ["git", "add", "-A"],
+                    ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com", "commit", "-qm", "toy"]):
+        subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def s3_server(bucket: str = "rql"):
+    """moto's standalone S3 server on 127.0.0.1 with one bucket; yields the DVC remote config. Env: credentials."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    port = free_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true", NO_PROXY="127.0.0.1,localhost")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=bucket)
+        yield {"url": f"s3://{bucket}/dvc", "endpointurl": f"http://127.0.0.1:{port}"}
+    finally:
+        server.stop()
+
+
+@contextmanager
+def simulated_cluster(base: Path, nodes: int, cpus_per_node: int):
+    """A head without CPUs (the coordinator's) and ``nodes`` worker nodes, each with a clone pool of its own."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for index in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node, env_vars={"RQL_CLUSTER_CLONES": str(base / f"node{index}")})
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def run_entry_point(repo: Path, address: str | None, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    args = [sys.executable, "-m", "stages.cluster_repro", "--no-live", *(["--address", address] if address else []),
+            *extra]
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, check=False)
+    summary_path = repo / ".dvc" / "tmp" / "cluster-logs" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return result, summary
+
+
+def overhead(counts: list[int], use_s3: bool, nodes: int) -> None:
+    print("| stages | median reset s | median repro --pull s | median push s | median push --run-cache s "
+          "| median task s | final restore s |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for count in counts:
+        with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
+            base = Path(tmp)
+            os.environ.setdefault("RAY_TMPDIR", str(base / "ray"))
+            with (s3_server() if use_s3 else _local_remote(base)) as remote:
+                dag = {f"s{i:03d}": ([f"s{i - 1:03d}"] if i else [], 0.0) for i in range(count)}  # a chain
+                make_toy_repo(base / "repo", dag, remote)
+                with simulated_cluster(base, nodes, 1) as cluster:
+                    result, summary = run_entry_point(base / "repo", cluster.address)
+            if result.returncode != 0:
+                raise SystemExit(result.stderr[-3000:])
+            times = [s["times"] for s in summary["stages"].values()]
+            med = {k: statistics.median(t[k] for t in times) for k in ("reset", "repro", "push", "push_run_cache")}
+            task = statistics.median(s["seconds"] for s in summary["stages"].values())
+            print(f"| {count} | {med['reset']:.2f} | {med['repro']:.2f} | {med['push']:.2f} | "
+                  f"{med['push_run_cache']:.2f} | {task:.2f} | {summary['restore_s']:.1f} |", flush=True)
+
+
+@contextmanager
+def _local_remote(base: Path):
+    yield {"url": str(base / "remote")}
+
+
+def makespan(counts: list[int], nodes: int, slots_per_node: int, seed: int, use_s3: bool) -> None:
+    print("| stages | nodes x slots | total work s | critical path s | ideal s | measured s | measured / ideal "
+          "| median overhead per task s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for count in counts:
+        dag = random_dag(count, seed=seed, sleep=(1.0, 4.0))
+        critical, per_slot = ideal_makespan(dag, nodes * slots_per_node)
+        with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
+            base = Path(tmp)
+            os.environ.setdefault("RAY_TMPDIR", str(base / "ray"))
+            with (s3_server() if use_s3 else _local_remote(base)) as remote:
+                make_toy_repo(base / "repo", dag, remote)
+                with simulated_cluster(base, nodes, slots_per_node) as cluster:
+                    started = time.perf_counter()
+                    result, summary = run_entry_point(base / "repo", cluster.address)
+                    wall = time.perf_counter() - started
+            if result.returncode != 0:
+                raise SystemExit(result.stderr[-3000:])
+        ideal = max(critical, per_slot)
+        overheads = [s["seconds"] - dag[name][1] for name, s in summary["stages"].items()]
+        total = sum(seconds for _, seconds in dag.values())
+        print(f"| {count} | {nodes} x {slots_per_node} | {total:.0f} | {critical:.0f} | {ideal:.0f} | "
+              f"{summary['makespan_s']:.0f} (+ restore {summary['restore_s']:.0f}, wall {wall:.0f}) | "
+              f"{summary['makespan_s'] / ideal:.2f} | {statistics.median(overheads):.2f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("overhead", "makespan"))
+    parser.add_argument("--stages", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--slots", type=int, default=1, help="tasks at once per node (its CPUs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--s3", action="store_true", help="moto's S3 server on 127.0.0.1 as the remote")
+    args = parser.parse_args()
+    if args.what == "overhead":
+        overhead(args.stages, args.s3, args.nodes)
+    else:
+        makespan(args.stages, args.nodes, args.slots, args.seed, args.s3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""One stage on one node: the worker step of the cluster protocol.
+
+A node shares no file system with the coordinator. Each task takes a clone of its own from the node's pool
+(``<clones>/clone-<i>``, held with an exclusive ``flock`` for the task's lifetime, so concurrent tasks on one node
+never share a clone and a killed task's clone is free again at once), then:
+
+1. reset: ``git fetch``, ``git checkout --force <commit>``, ``git clean -ffdx`` (``.dvc/``, ``.venv/`` and
+   ``.tools/`` kept: the clone's DVC cache, its ``config.local`` and its environment), the local run-cache emptied;
+2. ``dvc.lock`` := the accepted lock entries of the stage's upstream stages (handed over by the coordinator), so the
+   upstream stages are "unchanged" and their data is pulled, never recomputed, and a stage that ran twice upstream
+   cannot make this one pick the other run's outputs;
+3. ``dvc repro --pull <stage>``: the task fails if any stage other than its own ran;
+4. ``dvc push <stage>`` (the data first), then ``dvc push --run-cache <stage>`` with the local run-cache pruned to
+   the stage's own entry, so each push uploads one entry instead of all the entries the pull brought.
+
+Stage failures are returned as results (they are not retried: the same commit fails the same way); the task's
+process dying (killed, node lost) is what Ray retries. Needs only the standard library and PyYAML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLONES_ENV = "RQL_CLUSTER_CLONES"  # a node's clone pool, overriding the coordinator's --clones
+KEPT = ("/.dvc/", "/.venv/", "/.tools/")  # what `git clean` leaves in a clone
+MAX_CLONES = 256
+RAN_RE = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
+
+
+class StageError(RuntimeError):
+    """A step of the protocol failed; the message says which and why."""
+
+
+# Runs a command with PR_SET_PDEATHSIG = SIGKILL (kept across exec): dvc, and through it the stage (which watches
+# its own parent), dies with a killed task process instead of writing on in a clone that the retry resets.
+_LAUNCHER = (
+    "import ctypes, ctypes.util, os, sys\n"
+    "libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')\n"
+    "libc.prctl(1, 9, 0, 0, 0)\n"
+    "os.getppid() == int(sys.argv[1]) or os._exit(137)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+class Log:
+    """The task's log: every command with its output and time, written through to a file on the node."""
+
+    def __init__(self, path: Path):
+        self.path, self.parts = path, []
+        path.write_text("")
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+        with self.path.open("a") as handle:
+            handle.write(text)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _environment(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # stage cmds: this python
+    env.pop("PYTHONPATH", None)  # stages import the clone's code (python -m from the clone's root)
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], cwd: Path, log: Log, env: dict[str, str], what: str) -> str:
+    log.write(f"$ {' '.join(args)}\n")
+    started = time.perf_counter()
+    launched = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *args] if sys.platform.startswith("linux") else args
+    process = subprocess.Popen(launched, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        log.write(line)
+    code = process.wait()
+    log.write(f"# exit {code} after {time.perf_counter() - started:.2f} s\n")
+    if code != 0:
+        raise StageError(f"{what} failed (exit {code}): {' '.join(args)}")
+    return "".join(lines)
+
+
+def _dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+@contextlib.contextmanager
+def take_clone(root: Path):
+    """A free clone directory of this node's pool, held (flock) until the context ends."""
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(MAX_CLONES):
+        handle = (root / f"clone-{index}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:
+            yield root / f"clone-{index}"
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return
+    raise StageError(f"all {MAX_CLONES} clones under {root} are in use")
+
+
+def reset_clone(clone: Path, git_url: str, commit: str, log: Log, env: dict[str, str]) -> None:
+    """The clone at exactly ``commit``: tracked files as committed, nothing untracked but the kept folders."""
+    if not (clone / ".git").is_dir():
+        shutil.rmtree(clone, ignore_errors=True)
+        _run(["git", "clone", "--quiet", "--no-checkout", git_url, str(clone)], clone.parent, log, env, "git clone")
+        template = clone.parent / "config.local"  # a node's DVC credentials, copied into each new clone
+        if template.is_file():
+            (clone / ".dvc").mkdir(exist_ok=True)
+            shutil.copy2(template, clone / ".dvc" / "config.local")
+    def missing() -> bool:
+        return subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=clone, capture_output=True,
+                              check=False).returncode != 0
+
+    if missing():
+        _run(["git", "fetch", "--quiet", git_url, "+refs/heads/*:refs/remotes/origin/*"], clone, log, env, "git fetch")
+    if missing():
+        _run(["git", "fetch", "--quiet", git_url, commit], clone, log, env, "git fetch of the commit")
+    _run(["git", "checkout", "--quiet", "--force", "--detach", commit], clone, log, env, "git checkout")
+    _run(["git", "clean", "-ffdxq", *(x for kept in KEPT for x in ("-e", kept))], clone, log, env, "git clean")
+    for stale in ("rwlock", "lock"):  # a killed dvc's locks (this task holds the clone, nobody else uses them)
+        (clone / ".dvc" / "tmp" / stale).unlink(missing_ok=True)
+    shutil.rmtree(clone / ".dvc" / "cache" / "runs", ignore_errors=True)
+
+
+def write_lock(clone: Path, entries: dict[str, Any]) -> None:
+    lock = clone / "dvc.lock"
+    if entries:
+        lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": entries}, sort_keys=False))
+    else:
+        lock.unlink(missing_ok=True)
+
+
+def lock_entry(clone: Path, stage: str) -> dict[str, Any]:
+    stages = (yaml.safe_load((clone / "dvc.lock").read_text()) or {}).get("stages", {})
+    if stage not in stages:
+        raise StageError(f"dvc.lock has no entry for {stage} after dvc repro")
+    return stages[stage]
+
+
+def keep_own_run_cache_entry(clone: Path, stage: str, entry: dict[str, Any]) -> str:
+    """Delete every local run-cache entry but the stage's own (the pull brought all of the remote's); its path."""
+    runs = clone / ".dvc" / "cache" / "runs"
+    own = []
+    for path in sorted(runs.glob("*/*/*")) if runs.is_dir() else []:
+        try:
+            same = yaml.safe_load(path.read_text()) == entry
+        except (OSError, yaml.YAMLError):
+            same = False
+        if same:
+            own.append(path)
+        else:
+            path.unlink()
+    if not own:
+        raise StageError(f"no run-cache entry for {stage}: DVC keeps none for a stage with `cache: false` or "
+                         "`persist` outputs or `always_changed`, so the coordinator could not restore it")
+    return str(own[0].relative_to(runs))
+
+
+def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
+    """The worker step for ``spec['stage']``; a result dict (status ran | restored | failed, log, lock entry, times)."""
+    stage = spec["stage"]
+    root = Path(os.path.expanduser(os.environ.get(CLONES_ENV) or spec["clones"]))
+    node = socket.gethostname()
+    with contextlib.suppress(Exception):
+        import ray
+
+        node = f"{ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
+    result: dict[str, Any] = {"stage": stage, "node": node, "pid": os.getpid(), "times": {}, "status": "failed"}
+    started = time.time()
+    with take_clone(root) as clone:
+        log = Log(clone.with_suffix(".log"))
+        result["clone"] = str(clone)
+        log.write(f"# {stage} on {node} (pid {os.getpid()}) in {clone}, commit {spec['commit']}\n")
+        if board is not None:
+            board.started.remote(stage, node, os.getpid(), started)
+        env = _environment(spec.get("env", {}))
+        times = result["times"]
+        try:
+            clock = time.perf_counter()
+            reset_clone(clone, spec["git_url"], spec["commit"], log, env)
+            write_lock(clone, spec["upstream"])
+            times["reset"] = time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            output = _run(_dvc("repro", "--pull", stage), clone, log, env, "dvc repro --pull")
+            times["repro"] = time.perf_counter() - clock
+            ran = RAN_RE.findall(output)
+            others = sorted(set(ran) - {stage})
+            if others:
+                raise StageError(f"dvc repro ran {', '.join(others)} besides {stage}: their accepted outputs did not "
+                                 "match (undeclared files in a folder dependency? data missing on the remote?)")
+            result["ran"] = stage in ran
+            entry = lock_entry(clone, stage)
+
+            clock = time.perf_counter()
+            _run(_dvc("push", stage), clone, log, env, "dvc push")
+            times["push"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            result["run_cache_entry"] = keep_own_run_cache_entry(clone, stage, entry)
+            _run(_dvc("push", "--run-cache", stage), clone, log, env, "dvc push --run-cache")
+            times["push_run_cache"] = time.perf_counter() - clock
+            result.update(status="ran" if result["ran"] else "restored", entry=entry)
+        except StageError as error:
+            log.write(f"# FAILED: {error}\n")
+            result["error"] = str(error)
+        except Exception as error:  # noqa: BLE001 - anything else is a failure of this stage, with its log
+            log.write(f"# FAILED: {type(error).__name__}: {error}\n")
+            result["error"] = f"{type(error).__name__}: {error}"
+        result["seconds"] = time.time() - started
+        result["log"] = log.text()
+    return result

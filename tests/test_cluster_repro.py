@@ -1,0 +1,255 @@
+"""The pipeline on a simulated Ray cluster through ``python -m stages.cluster_repro``, against a real S3 server.
+
+A ``ray.cluster_utils.Cluster`` (a head without CPUs and two worker nodes, each with a clone pool of its own: the
+nodes share no clone with each other or with the workspace) and moto's standalone S3 server on 127.0.0.1 as the DVC
+remote. The tiny study (tests/test_pipeline.py's TINY settings, cached RQL: validate, download, prior, reverse,
+train, evaluate, report) runs through the entry point while the Ray worker process of the train task is killed
+once; the workspace must then hold what a serial ``dvc repro`` of the same params writes. Toy DAGs of trivial
+stages check that a failing stage stops only its descendants and that a rerun (also after the coordinator was
+killed) reruns nothing that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_pipeline import TASK, copy_project, dvc, git, run, write_tiny_params
+
+from benchmarks.cluster_protocol import make_toy_repo, random_dag, s3_server, simulated_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(900)
+NONDETERMINISTIC = ("summary.json", "live/metrics.json", "seed0.json", "reports/")  # wall times inside
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    with s3_server() as remote:
+        yield remote
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory):
+    with simulated_cluster(tmp_path_factory.mktemp("nodes"), nodes=2, cpus_per_node=1) as simulated:
+        yield simulated
+
+
+def entry_point(repo: Path, address: str, *extra: str, wait: bool = True):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               JAX_PLATFORMS="cpu", MUJOCO_GL="egl")
+    args = [sys.executable, "-m", "stages.cluster_repro", "--no-live", "--address", address, *extra]
+    process = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return process
+    out, err = process.communicate()
+    summary_path = repo / ".dvc" / "tmp" / "cluster-logs" / "summary.json"
+    return process.returncode, out + err, json.loads(summary_path.read_text())
+
+
+def remote_runs(s3: dict, prefix: str) -> dict[str, list[str]]:
+    """Run-cache entries on the remote: stage key -> entry names."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["endpointurl"])
+    keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="rql",
+                                                                                     Prefix=f"{prefix}/runs/")
+            for item in page.get("Contents", [])]
+    runs: dict[str, list[str]] = {}
+    for key in keys:
+        *_, stage_key, entry = key.split("/")
+        runs.setdefault(stage_key, []).append(entry)
+    return runs
+
+
+def use_s3(repo: Path, s3: dict, prefix: str) -> None:
+    dvc("remote", "add", "-f", "-d", "shared", f"s3://rql/{prefix}", cwd=repo)
+    dvc("remote", "modify", "shared", "endpointurl", s3["endpointurl"], cwd=repo)
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not k.endswith("_s")}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def comparable_lock(repo: Path) -> dict:
+    """dvc.lock with the hashes of files holding wall times blanked (paths, order, cmds, params and the rest kept)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for entry in lock["stages"].values():
+        for item in entry.get("deps", []) + entry.get("outs", []):
+            if any(marker in item["path"] for marker in NONDETERMINISTIC) or item["path"] in ("data/runs",
+                                                                                              "data/evals"):
+                for field in ("md5", "size", "nfiles", "hash"):
+                    item.pop(field, None)
+    return lock
+
+
+def kill_train_worker_once(stop: threading.Event, killed: list) -> None:
+    """SIGKILL the Ray worker process (``ray::...``) whose descendants run ``stages.train``, once, mid-run."""
+    seen = None
+    while not stop.is_set() and not killed:
+        for pid in os.listdir("/proc"):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "stages.train" in cmdline and "python" in cmdline and "-c" not in cmdline.split():
+                seen = seen or (pid, time.time())
+                if time.time() - seen[1] < 3:  # let it compile and train a little
+                    break
+                ancestor = pid
+                while ancestor not in ("0", "1"):
+                    status = Path(f"/proc/{ancestor}/status").read_text()
+                    ancestor = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+                    title = Path(f"/proc/{ancestor}/cmdline").read_bytes().decode(errors="replace")
+                    if title.startswith("ray::"):
+                        os.kill(int(ancestor), signal.SIGKILL)
+                        killed.append((int(ancestor), title.split("\0")[0]))
+                        break
+                break
+        time.sleep(0.2)
+
+
+def test_the_tiny_study_on_a_simulated_cluster_matches_a_serial_repro(cluster, s3, tmp_path):
+    workspace, serial = tmp_path / "workspace", tmp_path / "serial"
+    for repo in (workspace, serial):
+        repo.mkdir()
+        copy_project(repo)
+        write_tiny_params(repo)
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["agents"] = {"rql": [], "rql_cached": ["rql_cached"], "fql": [], "bc_flow": []}
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run(["git", "init", "-q"], repo)
+    use_s3(workspace, s3, "study")
+    for repo in (workspace, serial):
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", "tiny study")
+    dvc("repro", cwd=serial)
+
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=kill_train_worker_once, args=(stop, killed), daemon=True)
+    watcher.start()
+    try:
+        code, log, summary = entry_point(workspace, cluster.address)
+    finally:
+        stop.set()
+        watcher.join()
+    assert code == 0, log[-5000:]
+    stages = summary["stages"]
+    train = f"train_rql_cached@rql_cached-{TASK}-0"
+    assert killed and "stage:train" in killed[0][1], killed  # the train task's own process was killed ...
+    assert stages[train]["attempts"] == 2 and stages[train]["status"] == "ran"  # ... and the task retried
+    assert {s["status"] for s in stages.values()} == {"ran"} and len(stages) == 7
+    assert len({s["node"] for s in stages.values()}) == 2  # both nodes took tasks
+    assert summary["restore_ok"] and summary["lock_mismatches"] == []
+    assert "Running stage" not in (workspace / ".dvc/tmp/cluster-logs/_restore.log").read_text()
+    for name, stage in stages.items():  # one log per stage on the coordinator, holding that stage's run
+        assert f"Running stage '{name}'" in Path(stage["log"]).read_text()
+
+    # the same bytes as the serial run, in the user's workspace
+    data = Path("data")
+    deterministic = [*sorted((serial / data / "datasets").iterdir()),
+                     *sorted((serial / data / "priors" / TASK).iterdir()),
+                     *sorted((serial / data / "reversed" / TASK).iterdir()),
+                     serial / data / "runs" / "rql_cached" / TASK / "seed0" / "policy.msgpack",
+                     serial / data / "params.json"]
+    assert len(deterministic) >= 10
+    for path in deterministic:
+        assert (workspace / path.relative_to(serial)).read_bytes() == path.read_bytes(), path
+    evaluation = data / "evals" / "rql_cached" / TASK / "seed0.json"
+    assert without_timings(json.loads((workspace / evaluation).read_text())) == without_timings(
+        json.loads((serial / evaluation).read_text()))
+    assert (workspace / "reports" / "index.html").stat().st_size > 1000
+    assert comparable_lock(workspace) == comparable_lock(serial)
+    assert json.loads(dvc("status", "--json", cwd=workspace).stdout) == {}
+    # no stage ran twice: one run-cache entry per stage on the remote
+    runs = remote_runs(s3, "study")
+    assert len(runs) == 7 and all(len(entries) == 1 for entries in runs.values()), runs
+
+    lock = (workspace / "dvc.lock").read_bytes()
+    code, log, summary = entry_point(workspace, cluster.address)  # a rerun reruns nothing
+    assert code == 0, log[-3000:]
+    assert {s["status"] for s in summary["stages"].values()} == {"restored"}
+    assert (workspace / "dvc.lock").read_bytes() == lock
+    assert remote_runs(s3, "study") == runs
+
+
+FAILING = '''import sys
+from pathlib import Path
+if Path("fail.flag").exists():
+    sys.exit("this stage fails on purpose")
+Path("out").mkdir(exist_ok=True)
+Path("out/bad.txt").write_text(Path("out/s000.txt").read_text() + "bad\\n")
+'''
+
+
+def test_a_failing_stage_stops_only_its_descendants_and_a_rerun_redoes_only_them(cluster, s3, tmp_path):
+    repo = tmp_path / "toy"
+    dag = {"s000": ([], 0.0), "s001": (["s000"], 0.0), "s002": (["s001"], 0.0)}
+    make_toy_repo(repo, dag, {"url": "s3://rql/failing", "endpointurl": s3["endpointurl"]})
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())
+    stages["stages"]["bad"] = {"cmd": "python failing.py", "deps": ["failing.py", "out/s000.txt"],
+                               "outs": ["out/bad.txt"]}
+    stages["stages"]["after_bad"] = {"cmd": "python step.py after_bad 0 out/bad.txt", "deps": ["out/bad.txt"],
+                                     "outs": ["out/after_bad.txt"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    (repo / "failing.py").write_text(FAILING)
+    (repo / "fail.flag").write_text("")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a failing stage")
+
+    code, log, summary = entry_point(repo, cluster.address)
+    states = {name: stage["status"] for name, stage in summary["stages"].items()}
+    assert code == 1
+    assert states == {"s000": "ran", "s001": "ran", "s002": "ran", "bad": "failed", "after_bad": "skipped"}
+    bad_log = summary["stages"]["bad"]["log"]
+    assert "error: stage bad failed" in log and bad_log in log
+    assert "this stage fails on purpose" in Path(bad_log).read_text()
+    assert (repo / "out" / "s002.txt").is_file() and not (repo / "out" / "bad.txt").exists()  # the rest restored
+    assert summary["restore_ok"]
+
+    (repo / "fail.flag").unlink()
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "fixed")
+    code, log, summary = entry_point(repo, cluster.address)
+    assert code == 0, log[-3000:]
+    states = {name: stage["status"] for name, stage in summary["stages"].items()}
+    assert states == {"s000": "restored", "s001": "restored", "s002": "restored", "bad": "ran", "after_bad": "ran"}
+    assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
+
+
+def test_a_rerun_after_the_coordinator_was_killed_reruns_nothing_that_finished(cluster, s3, tmp_path):
+    repo = tmp_path / "toy"
+    dag = random_dag(8, seed=1, width=3, sleep=(0.5, 1.5))
+    make_toy_repo(repo, dag, {"url": "s3://rql/killed", "endpointurl": s3["endpointurl"]})
+    process = entry_point(repo, cluster.address, wait=False)
+    deadline = time.time() + 300
+    while len(remote_runs(s3, "killed")) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    finished = len(remote_runs(s3, "killed"))
+    assert 3 <= finished < len(dag)
+    time.sleep(2)  # tasks of the dead driver end; a stage caught mid-push has no run-cache entry yet
+    finished = remote_runs(s3, "killed")
+
+    code, log, summary = entry_point(repo, cluster.address)
+    assert code == 0, log[-3000:]
+    restored = sum(stage["status"] == "restored" for stage in summary["stages"].values())
+    ran = sum(stage["status"] == "ran" for stage in summary["stages"].values())
+    assert restored >= len(finished) and restored + ran == len(dag)
+    runs = remote_runs(s3, "killed")
+    assert len(runs) == len(dag) and all(len(entries) == 1 for entries in runs.values()), runs
+    assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
