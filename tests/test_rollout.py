@@ -466,8 +466,8 @@ def test_envs_in_worker_processes_only_give_the_same_results_and_frames(local, t
         seen.append(obs.shape)
         return OraclePolicy(h=3, noise=0.2)(obs, key)
 
-    with Evaluator(TASK, num_envs=2, workers=2, in_process=False, video_process=True) as remote:
-        assert remote._backend.local is None and len(remote._backend.procs) == 3  # 2 env processes + video
+    with Evaluator(TASK, num_envs=2, workers=2, in_process=False, video_processes=2) as remote:
+        assert remote._backend.local is None and len(remote._backend.procs) == 4  # 2 env + 2 video processes
         assert not remote._backend.spaces_known(), "the constructor must not wait for the workers"
         replayed = remote.run(policy, **kwargs, warm_up=True, obs_shape=(28,))
         assert remote.obs_shape == (28,) and remote.action_dim == 5
@@ -476,7 +476,8 @@ def test_envs_in_worker_processes_only_give_the_same_results_and_frames(local, t
     assert outcomes(replayed) == outcomes(inline)
     assert seen[0] == (2, 28) and replayed.summary.policy_calls == len(seen) - 1  # the warm-up call first
     assert set(replayed.videos) == set(inline.videos) == {0, 1}
-    for j in (0, 1):  # replayed from the seed and the executed actions: the very frames rendered while it ran
+    for j in (0, 1):  # replayed from the seed and the executed actions (each process rendering every other
+        # frame): the very frames rendered while it ran, in order
         assert replayed.videos[j].shape[0] == inline.videos[j].shape[0] > 2
         assert np.array_equal(replayed.videos[j], inline.videos[j])
     events = [line.split("\t")[0] for line in timeline.read_text().splitlines()][:5]  # then the bad run's
@@ -488,13 +489,13 @@ def test_a_diverging_replay_is_an_error(monkeypatch):
 
     real = rollout._Backend.receive_replay
 
-    def off_by_one(self):
-        reward_sum, taken, done, success, frames = real(self)
-        return reward_sum, taken + 1, done, success, frames
+    def nudged(self):
+        ret, taken, done, success, last, frames = real(self)
+        return ret, taken, done, success, last + 1e-12, frames  # as if the replay's physics went elsewhere
 
-    monkeypatch.setattr(rollout._Backend, "receive_replay", off_by_one)
-    with (Evaluator(TASK, num_envs=1, workers=1, video_process=True) as evaluator,
-          pytest.raises(RuntimeError, match="replay of episode 0 .* diverged")):
+    monkeypatch.setattr(rollout._Backend, "receive_replay", nudged)
+    with (Evaluator(TASK, num_envs=1, workers=1, video_processes=1) as evaluator,
+          pytest.raises(RuntimeError, match="replay of episode 0 .* diverged.*same last observation: False")):
         evaluator.run(OraclePolicy(h=2), episodes=1, max_episode_steps=4, video_episodes=1)
 
 
@@ -540,3 +541,19 @@ def test_workers_die_with_a_killed_parent():
         parent.wait(timeout=10)
         if holder is not None and _alive(holder):
             os.kill(holder, signal.SIGKILL)
+
+
+def test_a_failure_with_videos_in_flight_retires_the_evaluator():
+    calls = []
+
+    def failing(obs, key):  # fine until the video episode has ended and gone to the video process
+        calls.append(1)
+        if len(calls) > 3:
+            return np.full((1, 2, 5), np.nan, np.float32)
+        return OraclePolicy(h=2)(obs, key)
+
+    with Evaluator(TASK, num_envs=1, workers=1, video_processes=1) as evaluator:
+        with pytest.raises(ValueError, match="non-finite"):
+            evaluator.run(failing, episodes=2, max_episode_steps=4, video_episodes=1)
+        with pytest.raises(RuntimeError, match="make a new one"):
+            evaluator.run(OraclePolicy(h=2), episodes=1, max_episode_steps=4)

@@ -350,15 +350,41 @@ class _EnvGroup:
             out.append((i, np.asarray(obs), reward_sum, taken, done, success, frames))
         return out
 
-    def replay(self, seed: int, limit: int, frame_skip: int, actions: np.ndarray) -> tuple:
-        """Re-run an episode from its reset seed and executed actions (T, d) on env 0, rendering its frames.
+    def replay(self, seed: int, limit: int, frame_skip: int, chunks: list, part: int = 0, parts: int = 1) -> tuple:
+        """Re-run an episode on env 0 from its reset seed and its executed chunks, rendering its frames: those of
+        index ``part``, ``part + parts``, ... (every frame with ``parts=1``) of the frames :meth:`reset` and
+        :meth:`run_chunks` render (same stepper, same states, so the same images).
 
-        The same steps and frames as rendering it while it ran (same stepper, same states). Returns (reward sum,
-        steps taken, done, success, frames) for the caller to check against the original episode.
+        Returns (return, steps taken, done, success, last observation, frames), the return summed chunk by chunk
+        as the evaluator sums it, for the caller to check the replay against the episode.
         """
-        _, _, frames = self.reset([(0, seed, limit, frame_skip)])[0]
-        _, _, reward_sum, taken, done, success, more = self.run_chunks([(0, actions)])[0]
-        return reward_sum, taken, done, success, frames + more
+        stepper = self.steppers[0]
+        obs = stepper.reset(seed)
+        frames, count = [], 0
+
+        def frame() -> None:
+            nonlocal count
+            if count % parts == part:
+                frames.append(self._frame(0))
+            count += 1
+
+        frame()
+        ret, taken, done, success = 0.0, 0, False, False
+        for chunk in chunks:
+            reward_sum = 0.0
+            for action in chunk:
+                obs, reward, terminated, truncated, success = stepper.step(action)
+                taken += 1
+                reward_sum += float(reward)
+                done = terminated or truncated or taken >= limit
+                if taken % frame_skip == 0 or done:
+                    frame()
+                if done:
+                    break
+            ret += reward_sum
+            if done:
+                break
+        return ret, taken, done, success, np.asarray(obs), frames
 
     def close(self) -> None:
         for env in self.envs:
@@ -453,7 +479,7 @@ def _stop_workers(conns: list[Connection], procs: list[subprocess.Popen]) -> Non
 
 class _Backend:
     """Environment groups stepped concurrently: group 0 in this process (``local``) or in a worker process, groups
-    1.. in worker processes; optionally one more worker process that only replays and renders video episodes.
+    1.. in worker processes; optionally worker processes that only replay and render video episodes.
 
     Workers are started first (before this process builds its own envs); their readiness is only awaited by
     :meth:`wait_ready` (called by the first command, or for the spaces when no group is local), so the caller can
@@ -469,15 +495,14 @@ class _Backend:
         fast_env: bool,
         shadow_size: int | None,
         local: bool = True,
-        renderer: bool = False,
+        renderers: int = 0,
     ):
         self.conns: list[Connection] = []
         self.procs: list[subprocess.Popen] = []
         self.broken = False
         self.offset = 1 if local else 0  # group w runs in worker process w - offset (conns, procs)
         self.local: _EnvGroup | None = None
-        self.renderer: Connection | None = None
-        self._renderer_ready = False
+        self.renderers: list[list] = []  # video processes: [connection, process, start-up message read]
         self._spaces: dict | None = None
         self._finalizer = weakref.finalize(self, _stop_workers, self.conns, self.procs)
         try:
@@ -485,11 +510,11 @@ class _Backend:
                 conn, proc = _start_worker((env_id, count, render_size, env_kwargs, fast_env, shadow_size))
                 self.conns.append(conn)
                 self.procs.append(proc)
-            if renderer:  # after the stepping workers, so it does not delay them
+            for _ in range(renderers):  # after the stepping workers, so they do not delay them
                 conn, proc = _start_worker((env_id, 1, render_size, env_kwargs, fast_env, shadow_size))
                 self.conns.append(conn)
                 self.procs.append(proc)
-                self.renderer = conn
+                self.renderers.append([conn, proc, False])
             if local:
                 self.local = _EnvGroup(env_id, counts[0], render_size, env_kwargs, fast_env, shadow_size)
                 self._spaces = self.local.spaces()
@@ -563,35 +588,45 @@ class _Backend:
             raise
         return results
 
-    # -- the video process: requests are sent at once, replies collected when they are there (or at the end) -------
-    def send_replay(self, seed: int, limit: int, frame_skip: int, actions: np.ndarray) -> None:
-        """Ask the video process to replay an episode and render its frames (replies come in request order)."""
-        self.renderer.send(("replay", (seed, limit, frame_skip, actions)))
+    # -- video processes: requests are sent at once, replies collected when they are there (or at the end) -------
+    def send_replay(self, seed: int, limit: int, frame_skip: int, chunks: list) -> None:
+        """Ask the video processes to replay an episode, each rendering its share of the frames."""
+        for part, (conn, _, _) in enumerate(self.renderers):
+            conn.send(("replay", (seed, limit, frame_skip, chunks, part, len(self.renderers))))
 
     def replay_ready(self) -> bool:
-        """Whether a replay reply can be read without waiting."""
-        if not self._renderer_ready and self.renderer.poll():
-            self._receive_renderer_ready()
-        return self._renderer_ready and self.renderer.poll()
+        """Whether every video process's reply to the oldest request can be read without waiting."""
+        for i, (conn, _, ready) in enumerate(self.renderers):
+            if not ready:
+                if not conn.poll():
+                    return False
+                self._renderer_started(i)
+            if not conn.poll():
+                return False
+        return True
 
-    def _receive_renderer_ready(self) -> None:
-        """Read the video process's start-up message (the spaces of its env), which comes before any reply."""
-        try:
-            self._check_spaces(self._receive_on(self.renderer, self.procs[-1], "(video)"))
-        except BaseException:
-            self.broken = True
-            raise
-        self._renderer_ready = True
+    def _renderer_started(self, i: int) -> None:
+        """Read video process i's start-up message (the spaces of its env), which comes before its replies."""
+        conn, proc, _ = self.renderers[i]
+        self._check_spaces(self._receive_on(conn, proc, f"(video {i})"))
+        self.renderers[i][2] = True
 
     def receive_replay(self) -> tuple:
-        """The next replay reply: (reward sum, steps taken, done, success, frames); waits for it."""
-        if not self._renderer_ready:
-            self._receive_renderer_ready()
+        """The oldest replay, its parts put together: (return, steps taken, done, success, last observation,
+        frames); waits for it."""
         try:
-            return self._receive_on(self.renderer, self.procs[-1], "(video)")
+            parts = []
+            for i, (conn, proc, ready) in enumerate(self.renderers):
+                if not ready:
+                    self._renderer_started(i)
+                parts.append(self._receive_on(conn, proc, f"(video {i})"))
         except BaseException:
             self.broken = True
             raise
+        n, frames = len(parts), [None] * sum(len(part[-1]) for part in parts)
+        for i, part in enumerate(parts):
+            frames[i::n] = part[-1]
+        return (*parts[0][:-1], frames)
 
     def close(self) -> None:
         self._finalizer()
@@ -741,10 +776,11 @@ class Evaluator:
         in_process: whether this process steps a share of the environments. False leaves this process free for
             its own start-up (importing and compiling the policy) while the workers build every env, and the
             constructor returns at once; which process steps an env does not change results.
-        video_process: render video episodes in one more worker process, which replays each from its reset seed
-            and executed actions once it has ended (the same frames), instead of rendering them in the env
-            that runs them: rendering (~0.1 s of CPU a frame) then overlaps the other episodes instead of holding
-            up every env at each chunk.
+        video_processes: render video episodes in this many more worker processes (0: in the env that runs
+            them), which replay each once it has ended from its reset seed and executed actions, every process
+            rendering its share of the frames (the same frames): rendering (~0.1 s of CPU a frame) then overlaps
+            the other episodes instead of holding up every env at each chunk. The replay is checked against
+            the episode (return, length, success, last observation).
         render_size: (width, height) of rendered video frames.
         shadow_size: shadow map size (pixels a side) for video frames of MuJoCo envs that use shadows; None keeps
             the model's (OGBench: 4096). With headless software rendering (EGL on llvmpipe, no GPU) a frame costs
@@ -768,10 +804,12 @@ class Evaluator:
         fast_env: bool = True,
         shadow_size: int | None = 1024,
         in_process: bool = True,
-        video_process: bool = False,
+        video_processes: int = 0,
     ):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        if not isinstance(video_processes, int) or video_processes < 0:
+            raise ValueError(f"video_processes must be an integer >= 0, got {video_processes!r}")
         num_envs = 2 * workers if num_envs is None else num_envs
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
@@ -789,7 +827,7 @@ class Evaluator:
         size = (int(render_size[0]), int(render_size[1]))
         counts = _split_round_robin(num_envs, workers)
         self._backend = _Backend(
-            self.env_id, counts, size, kwargs, bool(fast_env), shadow_size, bool(in_process), bool(video_process)
+            self.env_id, counts, size, kwargs, bool(fast_env), shadow_size, bool(in_process), video_processes
         )
         self._setup_time = time.perf_counter() - start
         self._closed = False
@@ -929,8 +967,8 @@ class Evaluator:
             )
         obs_dtype = np.float32 if np.issubdtype(self.obs_dtype, np.floating) else self.obs_dtype
         batch = np.zeros((batch_size, *self.obs_shape), dtype=obs_dtype)
-        replay = self._backend.renderer is not None  # video episodes: rendered by the video process
-        replays: list[EpisodeResult] = []  # sent to it, in order, whose frames have not come back
+        replay = bool(self._backend.renderers)  # video episodes: rendered by the video processes
+        replays: list[tuple[EpisodeResult, np.ndarray]] = []  # (episode, last obs) sent, frames not back yet
         start = time.perf_counter()
         policy_time = 0.0
         slots = [_Slot() for _ in range(self.num_envs)]
@@ -1004,8 +1042,8 @@ class Evaluator:
                     if slot.frames:
                         videos[j] = np.stack(slot.frames)
                     if slot.actions is not None:
-                        self._backend.send_replay(results[j].seed, limit, frame_skip, np.concatenate(slot.actions))
-                        replays.append(results[j])
+                        self._backend.send_replay(results[j].seed, limit, frame_skip, slot.actions)
+                        replays.append((results[j], obs))
                     finished.append(s)
                     if bar is not None:
                         bar.update(1)
@@ -1016,13 +1054,15 @@ class Evaluator:
 
         def collect_replay() -> None:
             """Receive the oldest replay's frames, checking that the replay reproduced its episode."""
-            reward_sum, taken, done, success, frames = self._backend.receive_replay()
-            original = replays.pop(0)
-            if (reward_sum, taken, done, success) != (original.episode_return, original.length, True, original.success):
+            ret, taken, done, success, last, frames = self._backend.receive_replay()
+            original, original_last = replays.pop(0)
+            same = (ret, taken, done, success) == (original.episode_return, original.length, True, original.success)
+            if not (same and np.array_equal(last, original_last)):
                 self._backend.broken = True
                 raise RuntimeError(
                     f"the replay of episode {original.episode} for its video diverged from the episode "
-                    f"(return {reward_sum} vs {original.episode_return}, length {taken} vs {original.length})"
+                    f"(return {ret} vs {original.episode_return}, length {taken} vs {original.length}, same last "
+                    f"observation: {np.array_equal(last, original_last)})"
                 )
             videos[original.episode] = np.stack(frames)
 
@@ -1038,6 +1078,10 @@ class Evaluator:
             while replays:  # the video process's last frames
                 collect_replay()
             _mark("videos done")
+        except BaseException:
+            if replays:  # their replies would come to the next run
+                self._backend.broken = True
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -1091,7 +1135,7 @@ def evaluate(
     pipeline: bool = False,
     shadow_size: int | None = 1024,
     in_process: bool = True,
-    video_process: bool = False,
+    video_processes: int = 0,
 ) -> EvalResult:
     """Evaluate ``policy`` for ``episodes`` episodes in a fresh :class:`Evaluator`; see :meth:`Evaluator.run`.
 
@@ -1111,7 +1155,7 @@ def evaluate(
         fast_env=fast_env,
         shadow_size=shadow_size,
         in_process=in_process,
-        video_process=video_process,
+        video_processes=video_processes,
     ) as evaluator:
         return evaluator.run(
             policy,
