@@ -35,7 +35,10 @@ Where the time goes (cube-single, 2-core CPU)
 * Policy: one batched call per chunk; with ``pipeline=True`` half of the envs step while the policy computes the
   other half's chunks (JAX's asynchronous dispatch), which hides its compute time behind env steps.
 * Videos: a frame costs ~0.16 s of CPU with software EGL (llvmpipe) even with the cheaper shadow map used here, so
-  the frames of a rendered episode cost more than its steps.
+  the frames of a rendered episode cost more than its steps (OGBench's arm meshes: ~185k triangles, drawn for the
+  shadow map and the image); ``video_processes`` replays such episodes elsewhere so they do not stall the others.
+* Every interpreter started pays its imports (~0.3 s with bytecode caches, ~1.5 s without: a venv without .pyc
+  files under PYTHONDONTWRITEBYTECODE=1) and its first env (~1.3 s), so on two cores an extra process costs CPU.
 """
 
 from __future__ import annotations
