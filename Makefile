@@ -7,7 +7,10 @@ PYTHON ?= python3
 UV_VERSION := 0.13.9
 UV := .tools/bin/uv
 EXTRAS ?=
-SYNC_FLAGS := --frozen --python $(PYTHON) $(if $(EXTRAS),--extra $(EXTRAS),)
+# --compile-bytecode: every stage and worker process imports JAX, MuJoCo, ... from .pyc files instead of compiling
+# them from source each time (start-up of an evaluate stage's processes ~2.5 s -> ~0.8 s where bytecode is not
+# written at run time, e.g. PYTHONDONTWRITEBYTECODE=1)
+SYNC_FLAGS := --frozen --compile-bytecode --python $(PYTHON) $(if $(EXTRAS),--extra $(EXTRAS),)
 
 export MUJOCO_GL ?= egl
 export UV_PROJECT_ENVIRONMENT := .venv

@@ -15,6 +15,7 @@ XLA_FLAGS, to any value, is left alone.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 FLAGS = ("--xla_cpu_copy_insertion_use_region_analysis=true",)
@@ -33,17 +34,16 @@ def apply(environ=os.environ) -> str:
         environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
         if environ is not os.environ:
             return environ["XLA_FLAGS"]
-        try:  # flags set after the backend exists do nothing: say so
-            from jax._src import xla_bridge
-
-            if xla_bridge.backends_are_initialized():
-                warnings.warn(
-                    f"JAX's backend started before stages.core.xla_setup; {missing} not applied",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        except (ImportError, AttributeError):
-            pass
+        # flags set after the backend exists do nothing: say so. Only look if JAX is already imported (importing
+        # it here would cost a stage ~1-2 s before it can start its worker processes).
+        xla_bridge = sys.modules.get("jax._src.xla_bridge")
+        started = getattr(xla_bridge, "backends_are_initialized", None)
+        if started is not None and started():
+            warnings.warn(
+                f"JAX's backend started before stages.core.xla_setup; {missing} not applied",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return environ.get("XLA_FLAGS", "")
 
 
