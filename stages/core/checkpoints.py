@@ -46,7 +46,6 @@ from typing import Any, NamedTuple, Self, TypeVar
 import jax
 import msgpack
 import numpy as np
-import orbax.checkpoint as ocp
 
 from stages.core.files import atomic_write_bytes
 
@@ -222,6 +221,8 @@ class TrainCheckpointer:
         metadata: Mapping[str, Any] | None = None,
         async_save: bool = False,
     ) -> None:
+        import orbax.checkpoint as ocp  # here, not at import: loading a policy needs no Orbax
+
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         self.directory = Path(directory).absolute()
@@ -260,6 +261,8 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, *, force: bool = False, extras: Mapping[str, Any] | None = None) -> bool:
         """Save ``state`` (and the JSON-able ``extras``) as ``step`` if :meth:`should_save` (or ``force``); returns
         whether it was written."""
+        import orbax.checkpoint as ocp
+
         step = int(step)
         if step in self._manager.all_steps():
             return False
@@ -319,6 +322,8 @@ class TrainCheckpointer:
 
     def restore_with_extras(self, template: State, step: int | None = None) -> tuple[State, dict[str, Any]]:
         """``(state, extras)`` of ``step`` (default: latest), both checked against the digests saved with them."""
+        import orbax.checkpoint as ocp
+
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -394,6 +399,8 @@ class TrainCheckpointer:
 
     def stored_metadata(self, step: int) -> dict[str, Any]:
         """The metadata dict saved with ``step``."""
+        import orbax.checkpoint as ocp
+
         args = ocp.args.Composite(**{_META_ITEM: ocp.args.JsonRestore()})
         try:
             return dict(self._manager.restore(step, args=args)[_META_ITEM] or {})
