@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the study and results here (reused when rerun)")
     parser.add_argument("--fuzz-cases", type=int, default=2000, help="mutations per main loader")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--match", help="bad inputs: only the cases whose name contains this")
+    parser.add_argument("--match", help="only the bad inputs / killed stages whose name contains this")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -75,7 +75,7 @@ def main() -> None:
             if args.only in (None, "bad-inputs"):
                 results += bad_inputs.campaign(reference, workdir, log, args.match)
             if args.only in (None, "kill"):
-                results += kills.campaign(reference, workdir, args.trials, args.seed, log)
+                results += kills.campaign(reference, workdir, args.trials, args.seed, log, args.match)
     except KeyboardInterrupt:
         log("interrupted: the table covers the cases run so far")
     finally:
