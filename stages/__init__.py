@@ -1,11 +1,23 @@
 """The RQL pipeline: one module per DVC stage, the pure library in ``stages.core``.
 
-Stage commands run ``python -m stages.<name>`` with whatever ``python`` is first on PATH: when that is not the
-project's environment, say so in one line instead of failing on the first missing import.
+Two checks run before any stage code:
+- under ``dvc repro`` (DVC_ROOT set) the process asks to be signalled (SIGTERM) when dvc dies, as early as it can,
+  and stops at once if dvc is already gone, so no orphaned stage writes outputs a new ``dvc repro`` checks out;
+- stage commands run ``python -m stages.<name>`` with whatever ``python`` is first on PATH: when that is not the
+  project's environment, say so in one line instead of failing on the first missing import.
 """
 
 import importlib.util as _util
+import os as _os
+import signal as _signal
 import sys as _sys
+
+if _os.environ.get("DVC_ROOT"):
+    from stages.core.parent_watch import die_with_parent as _die_with_parent
+
+    if _os.getppid() == 1:  # started by a dvc that already died (its children were handed to init)
+        raise SystemExit("error: the dvc process that started this stage is gone; not running")
+    _die_with_parent(_signal.SIGTERM)
 
 _missing = [name for name in ("jax", "flax", "orbax", "dvclive", "tqdm", "pydantic") if _util.find_spec(name) is None]
 if _missing:

@@ -99,6 +99,13 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
+def error_line(exc: BaseException) -> str:
+    """``error: <Type>: <message>`` on one line (a multi-line message, e.g. every bad key of params.yaml, joined),
+    so the last line a stage prints names the file or key and the problem."""
+    message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return f"error: {type(exc).__name__}: {message}"
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (also sent when the ``dvc`` that started the stage dies): unwind so temporaries are removed."""
 
@@ -136,5 +143,5 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
     except Exception as exc:  # the whole message, not a traceback, is what a user needs
         if os.environ.get("RQL_TRACEBACK"):
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         raise SystemExit(1)

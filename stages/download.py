@@ -385,9 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         run(params, args.out, args.ogbench_dir.expanduser())
     except ParamsError as error:
         log.error("%s", error)
+        print(cli.error_line(error), file=sys.stderr)
         return 2
     except (StageError, GenerationError, DatasetFileError) as error:
         log.error("%s", error)
+        print(cli.error_line(error), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         log.error("interrupted: no manifest written, partial files removed")
@@ -395,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     except cli.Terminated:  # SIGTERM: temporaries were removed while unwinding
         log.error("terminated: no manifest written, partial files removed")
         return 143
-    except Exception:
-        log.exception("download stage failed")
+    except Exception as error:  # e.g. a full disk: one line, no traceback (RQL_TRACEBACK=1 shows it)
+        if os.environ.get("RQL_TRACEBACK"):
+            raise
+        log.error("download stage failed: no manifest written, partial files removed")
+        print(cli.error_line(error), file=sys.stderr)
         return 1
     return 0
 
