@@ -130,7 +130,7 @@ def build_reference(workdir: Path, log=print) -> Path:
     copy_project(repo)
     write_tiny_params(repo)
     run(["git", "init", "-q"], repo)
-    dvc("remote", "add", "-f", "-d", "local", str(workdir / "remote"), cwd=repo)
+    dvc("remote", "modify", "local", "url", str(workdir / "remote"), cwd=repo)  # keeps the project's remote settings
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "tiny study")
     log("building the tiny reference study (dvc repro) ...")
