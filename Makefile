@@ -2,6 +2,8 @@
 #   make repro   set up the locked environment, then `dvc repro` the default params.yaml
 #   make test    set up the locked environment, then run the test suite (what CI runs)
 # GPU machines: `make repro EXTRAS=cuda` installs the CUDA 12 build of jaxlib from the same lock.
+#   make cluster-repro [ADDRESS=host:6379] [TARGETS="stage ..."]   the same DAG as Ray tasks (stages/cluster_repro.py):
+#                a local Ray instance without ADDRESS, a running Ray cluster with it
 
 PYTHON ?= python3
 UV_VERSION := 0.13.9
@@ -15,7 +17,7 @@ SYNC_FLAGS := --frozen --compile-bytecode --python $(PYTHON) $(if $(EXTRAS),--ex
 export MUJOCO_GL ?= egl
 export UV_PROJECT_ENVIRONMENT := .venv
 
-.PHONY: setup repro test test-all bench
+.PHONY: setup repro cluster-repro test test-all bench
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -26,6 +28,9 @@ setup: $(UV)
 
 repro: setup
 	$(UV) run --frozen --no-sync dvc repro
+
+cluster-repro: setup
+	$(UV) run --frozen --no-sync python -m stages.cluster_repro $(if $(ADDRESS),--address $(ADDRESS),) $(TARGETS)
 
 test: setup
 	$(UV) run --frozen --no-sync pytest

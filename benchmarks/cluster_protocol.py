@@ -113,7 +113,7 @@ def simulated_cluster(base: Path, nodes: int, cpus_per_node: int):
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         for index in range(nodes):
             cluster.add_node(num_cpus=cpus_per_node, env_vars={"RQL_CLUSTER_CLONES": str(base / f"node{index}")})

@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.address:
         ray.init(address=args.address, logging_level="WARNING", log_to_driver=False)
     else:
-        ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
+                 logging_level="WARNING",
+                 log_to_driver=False, _node_ip_address="127.0.0.1")  # a local instance: loopback only
     try:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         has_gpus = any(node["Resources"].get("GPU", 0) > 0 for node in nodes)

@@ -253,3 +253,22 @@ def test_a_rerun_after_the_coordinator_was_killed_reruns_nothing_that_finished(c
     runs = remote_runs(s3, "killed")
     assert len(runs) == len(dag) and all(len(entries) == 1 for entries in runs.values()), runs
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
+
+
+def test_without_an_address_it_is_a_parallel_dvc_repro_on_a_local_ray_instance(tmp_path):
+    """The default: a local Ray instance, clones under .dvc/tmp; the same outputs and dvc.lock as dvc repro."""
+    dag = {"s000": ([], 0.0), "s001": (["s000"], 0.0), "s002": (["s000"], 0.0), "s003": (["s001", "s002"], 0.0)}
+    for name in ("cluster", "serial"):
+        make_toy_repo(tmp_path / name, dag, {"url": str(tmp_path / f"{name}-remote")})
+    dvc("repro", cwd=tmp_path / "serial")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run([sys.executable, "-m", "stages.cluster_repro", "--no-live", "--num-cpus", "2"],
+                            cwd=tmp_path / "cluster", env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 of 4 stages done (4 ran" in result.stderr
+    for name in dag:
+        output = Path("out", f"{name}.txt")
+        assert (tmp_path / "cluster" / output).read_bytes() == (tmp_path / "serial" / output).read_bytes()
+    assert (tmp_path / "cluster" / "dvc.lock").read_bytes() == (tmp_path / "serial" / "dvc.lock").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "cluster" / ".dvc" / "tmp" / "cluster-clones").glob("clone-*.lock"))
+    assert json.loads(dvc("status", "--json", cwd=tmp_path / "cluster").stdout) == {}

@@ -10,8 +10,12 @@ never share a clone and a killed task's clone is free again at once), then:
    upstream stages are "unchanged" and their data is pulled, never recomputed, and a stage that ran twice upstream
    cannot make this one pick the other run's outputs;
 3. ``dvc repro --pull <stage>``: the task fails if any stage other than its own ran;
-4. ``dvc push <stage>`` (the data first), then ``dvc push --run-cache <stage>`` with the local run-cache pruned to
-   the stage's own entry, so each push uploads one entry instead of all the entries the pull brought.
+4. ``dvc push <stage>`` (the data first), then ``dvc push --run-cache`` with the local run-cache pruned to the
+   stage's own entry, so each push uploads one entry instead of all the entries the pull brought.
+
+The pushes (and a batched pull of the upstream outputs before the repro) go through DVC's Python API in the task's
+process, which Ray keeps between tasks: the same operations as the commands without an interpreter start and
+DVC's imports each time. ``dvc repro`` itself is a child process (it runs the stage's command).
 
 Stage failures are returned as results (they are not retried: the same commit fails the same way); the task's
 process dying (killed, node lost) is what Ray retries. Needs only the standard library and PyYAML.
@@ -93,6 +97,20 @@ def _run(args: list[str], cwd: Path, log: Log, env: dict[str, str], what: str) -
     if code != 0:
         raise StageError(f"{what} failed (exit {code}): {' '.join(args)}")
     return "".join(lines)
+
+
+def _in_process(clone: Path, log: Log, what: str, call) -> None:
+    """A DVC command through its Python API in this (long-lived) process: no interpreter start, no re-import."""
+    from dvc.repo import Repo
+
+    log.write(f"$ {what}\n")
+    started = time.perf_counter()
+    try:
+        with contextlib.chdir(clone), Repo(str(clone)) as repo:  # targets are relative to the working dir
+            said = call(repo)
+    except Exception as error:
+        raise StageError(f"{what} failed: {type(error).__name__}: {error}") from error
+    log.write(f"# {said} after {time.perf_counter() - started:.2f} s\n")
 
 
 def _dvc(*args: str) -> list[str]:
@@ -177,6 +195,17 @@ def keep_own_run_cache_entry(clone: Path, stage: str, entry: dict[str, Any]) -> 
     return str(own[0].relative_to(runs))
 
 
+def pull_upstream(repo: Any, names: list[str]) -> str:
+    """Pull the upstream stages' outputs and git-ignore them as a serial ``dvc repro`` does after each stage: DVC's
+    ``.gitignore`` files inside a folder dependency (``data/runs`` of the report) are part of its hash."""
+    fetched = repo.pull(targets=names)["stats"]["fetched"]
+    for name in names:
+        for stage in repo.stage.collect(name):
+            for out in stage.outs:
+                out.ignore()
+    return f"{fetched} fetched"
+
+
 def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
     """The worker step for ``spec['stage']``; a result dict (status ran | restored | failed, log, lock entry, times)."""
     stage = spec["stage"]
@@ -203,6 +232,12 @@ def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
             times["reset"] = time.perf_counter() - clock
 
             clock = time.perf_counter()
+            if spec["upstream"]:  # one batched pull instead of one per upstream stage inside dvc repro
+                _in_process(clone, log, "dvc pull (the upstream stages' outputs)",
+                            lambda repo: pull_upstream(repo, list(spec["upstream"])))
+            times["pull"] = time.perf_counter() - clock
+
+            clock = time.perf_counter()
             output = _run(_dvc("repro", "--pull", stage), clone, log, env, "dvc repro --pull")
             times["repro"] = time.perf_counter() - clock
             ran = RAN_RE.findall(output)
@@ -213,12 +248,13 @@ def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
             result["ran"] = stage in ran
             entry = lock_entry(clone, stage)
 
-            clock = time.perf_counter()
-            _run(_dvc("push", stage), clone, log, env, "dvc push")
+            clock = time.perf_counter()  # the data first, then the run-cache entry that points at it
+            _in_process(clone, log, f"dvc push {stage}", lambda repo: f"{repo.push(targets=[stage])} pushed")
             times["push"] = time.perf_counter() - clock
             clock = time.perf_counter()
             result["run_cache_entry"] = keep_own_run_cache_entry(clone, stage, entry)
-            _run(_dvc("push", "--run-cache", stage), clone, log, env, "dvc push --run-cache")
+            _in_process(clone, log, "dvc push --run-cache",
+                        lambda repo: f"{len(repo.stage_cache.push(None))} run-cache entries pushed")
             times["push_run_cache"] = time.perf_counter() - clock
             result.update(status="ran" if result["ran"] else "restored", entry=entry)
         except StageError as error:
