@@ -107,7 +107,7 @@ def error_line(exc: BaseException) -> str:
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (also sent when the ``dvc`` that started the stage dies): unwind so temporaries are removed."""
+    """SIGTERM arrived (a scheduler stopping the stage, `kill`): unwind so temporaries are removed."""
 
 
 def _terminate(signum, frame) -> None:
@@ -115,18 +115,15 @@ def _terminate(signum, frame) -> None:
 
 
 def watch_parent() -> None:
-    """SIGTERM unwinds the stage (like Ctrl-C); under ``dvc`` (DVC_ROOT set) the kernel sends it when dvc dies."""
-    from stages.core.parent_watch import die_with_parent
-
+    """SIGTERM (a scheduler's stop, ``kill``) unwinds the stage like Ctrl-C. Under ``dvc`` (DVC_ROOT set) the kernel
+    kills the stage when dvc dies: requested when the ``stages`` package is imported, see stages/__init__.py."""
     signal.signal(signal.SIGTERM, _terminate)
-    if os.environ.get("DVC_ROOT"):
-        die_with_parent(signal.SIGTERM)
 
 
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """Run a stage's ``main(argv)``; any exception becomes one 'error:' line on stderr and exit code 1.
 
-    Under ``dvc repro`` (DVC_ROOT set) the stage gets SIGTERM when ``dvc`` dies, so no orphan keeps writing outputs
+    Under ``dvc repro`` (DVC_ROOT set) the stage is killed when ``dvc`` dies, so no orphan keeps writing outputs
     that a new ``dvc repro`` checks out; SIGTERM unwinds like Ctrl-C (temporary files are removed, exit 143).
     """
     setup_logging()
