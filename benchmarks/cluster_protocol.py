@@ -135,23 +135,23 @@ def run_entry_point(repo: Path, address: str | None, *extra: str) -> tuple[subpr
 
 
 def overhead(counts: list[int], use_s3: bool, nodes: int) -> None:
-    print("| stages | median reset s | median repro --pull s | median push s | median push --run-cache s "
-          "| median task s | final restore s |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("| stages | median reset s | median upstream pull s | median repro --pull s | median push s "
+          "| median push --run-cache s | median task s | final restore s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for count in counts:
         with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
             base = Path(tmp)
             os.environ.setdefault("RAY_TMPDIR", str(base / "ray"))
             with (s3_server() if use_s3 else _local_remote(base)) as remote:
-                dag = {f"s{i:03d}": ([f"s{i - 1:03d}"] if i else [], 0.0) for i in range(count)}  # a chain
+                dag = random_dag(count, seed=0, sleep=(0.0, 0.0))  # trivial stages, up to 8 at once
                 make_toy_repo(base / "repo", dag, remote)
                 with simulated_cluster(base, nodes, 1) as cluster:
                     result, summary = run_entry_point(base / "repo", cluster.address)
             if result.returncode != 0:
                 raise SystemExit(result.stderr[-3000:])
             times = [s["times"] for s in summary["stages"].values()]
-            med = {k: statistics.median(t[k] for t in times) for k in ("reset", "repro", "push", "push_run_cache")}
+            med = {k: statistics.median(t.get(k, 0.0) for t in times) for k in ("reset", "pull", "repro", "push", "push_run_cache")}
             task = statistics.median(s["seconds"] for s in summary["stages"].values())
-            print(f"| {count} | {med['reset']:.2f} | {med['repro']:.2f} | {med['push']:.2f} | "
+            print(f"| {count} | {med['reset']:.2f} | {med['pull']:.2f} | {med['repro']:.2f} | {med['push']:.2f} | "
                   f"{med['push_run_cache']:.2f} | {task:.2f} | {summary['restore_s']:.1f} |", flush=True)
 
 

@@ -28,7 +28,7 @@ from benchmarks.cluster_protocol import make_toy_repo, random_dag, s3_server, si
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(900)
-NONDETERMINISTIC = ("summary.json", "live/metrics.json", "seed0.json", "reports/")  # wall times inside
+NONDETERMINISTIC = ("summary.json", "live/metrics.json", "live/plots", "seed0.json", "reports/")  # wall times
 
 
 @pytest.fixture(scope="module")
