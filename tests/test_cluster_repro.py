@@ -122,6 +122,12 @@ def kill_train_worker_once(stop: threading.Event, killed: list) -> None:
         time.sleep(0.2)
 
 
+# Slow for now: Ray's simulated cluster (ray.cluster_utils) addresses its nodes by the machine's interface address,
+# not loopback, and this project's CI may only talk to 127.0.0.1; run with `make test-all` (pytest -m '').
+SIMULATED_CLUSTER = pytest.mark.slow
+
+
+@SIMULATED_CLUSTER
 def test_the_tiny_study_on_a_simulated_cluster_matches_a_serial_repro(cluster, s3, tmp_path):
     workspace, serial = tmp_path / "workspace", tmp_path / "serial"
     for repo in (workspace, serial):
@@ -195,6 +201,7 @@ Path("out/bad.txt").write_text(Path("out/s000.txt").read_text() + "bad\\n")
 '''
 
 
+@SIMULATED_CLUSTER
 def test_a_failing_stage_stops_only_its_descendants_and_a_rerun_redoes_only_them(cluster, s3, tmp_path):
     repo = tmp_path / "toy"
     dag = {"s000": ([], 0.0), "s001": (["s000"], 0.0), "s002": (["s001"], 0.0)}
@@ -230,6 +237,7 @@ def test_a_failing_stage_stops_only_its_descendants_and_a_rerun_redoes_only_them
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
 
 
+@SIMULATED_CLUSTER
 def test_a_rerun_after_the_coordinator_was_killed_reruns_nothing_that_finished(cluster, s3, tmp_path):
     repo = tmp_path / "toy"
     dag = random_dag(8, seed=1, width=3, sleep=(0.5, 1.5))
