@@ -114,9 +114,9 @@ def _terminate(signum, frame) -> None:
     raise Terminated(signum)
 
 
-def watch_parent() -> None:
-    """SIGTERM (a scheduler's stop, ``kill``) unwinds the stage like Ctrl-C. Under ``dvc`` (DVC_ROOT set) the kernel
-    kills the stage when dvc dies: requested when the ``stages`` package is imported, see stages/__init__.py."""
+def handle_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) unwinds the stage like Ctrl-C. (Under ``dvc`` the kernel kills the stage
+    when dvc dies: requested when the ``stages`` package is imported, see stages/__init__.py.)"""
     signal.signal(signal.SIGTERM, _terminate)
 
 
@@ -128,7 +128,7 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
     """
     setup_logging()
     os.environ.setdefault("MUJOCO_GL", "egl")
-    watch_parent()
+    handle_sigterm()
     try:
         main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:

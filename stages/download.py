@@ -407,5 +407,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.watch_parent()
+    cli.handle_sigterm()
     sys.exit(main())

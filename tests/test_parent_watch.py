@@ -76,7 +76,7 @@ def test_without_dvc_a_stage_outlives_its_shell(tmp_path):
     """Run by hand (no DVC_ROOT), a stage is not tied to its parent: `nohup python -m stages.x &` keeps working."""
     marker = uuid.uuid4().hex
     code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
-            "'from stages import cli; cli.watch_parent(); import time; time.sleep(30)'])")
+            "'from stages import cli; cli.handle_sigterm(); import time; time.sleep(30)'])")
     env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
     env.update({"RQL_TEST_MARKER": marker, "PYTHONPATH": str(ROOT)})
     subprocess.run([sys.executable, "-c", code], env=env, check=True)

@@ -9,7 +9,6 @@ envs) must not outlive a killed stage. On Linux the kernel delivers a signal to 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -26,7 +25,7 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
         return False
     parent = os.getppid()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols (libc); find_library runs ldconfig
         if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
