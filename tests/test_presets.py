@@ -27,3 +27,13 @@ def test_the_paper_preset_covers_the_papers_50_tasks_with_its_sizes_and_settings
     assert (scene.alpha, scene.expectile, scene.rho, scene.h, scene.sparse) == (3.0, 0.7, 0.5, 5, True)
     giant = resolve_agent(params, "antmaze-giant-navigate-singletask-task3-v0")
     assert (giant.alpha, giant.h, giant.discount) == (0.1, 1, 0.995)
+
+
+def test_the_long_puzzle_preset_is_ogbench_sized_with_the_papers_puzzle_settings():
+    params = load_params(ROOT / "stages" / "presets" / "puzzle_long.yaml")
+    assert all(task.startswith("puzzle-3x3-play-singletask-") for task in params.tasks) and len(params.tasks) >= 2
+    assert params.data.episodes == 1000 and params.train.steps >= 200_000
+    assert set(params.agents.runs) == {"rql", "fql", "bc_flow"}
+    assert params.train.eval_episodes == params.evaluate.episodes == 50
+    rql = resolve_agent(params, params.tasks[0])
+    assert (rql.alpha, rql.expectile, rql.rho, rql.h, rql.sparse) == (1.0, 0.7, 0.5, 5, True)

@@ -1,0 +1,105 @@
+"""Run a study stage by stage and record what each stage cost: wall time, CPU time and peak memory.
+
+For long runs (issue 10's puzzle-3x3 at OGBench's dataset size) that span sessions: every stage runs as
+``dvc repro --single-item <stage>`` in the given workspace, in DVC's own order (``dvc stage list``), optionally with
+the train stages of one task grouped together (``--by-task``: RQL, FQL and BC-flow of the first task finish before the
+second task starts, so a partial run already compares the agents). A stage that is already up to date is skipped; a
+train stage killed with the session resumes from its newest checkpoint on the next call. One JSON line per stage run
+is appended to ``<workspace>/long_run_costs.jsonl``:
+
+    {"stage": ..., "wall_s": ..., "cpu_s": ..., "max_rss_mib": ..., "exit": ..., "finished": ...}
+
+``max_rss_mib`` is the largest resident set of any process of the stage (``wait4``'s rusage: the stage's python and
+its workers, whichever peaked). Usage, from the workspace:
+
+    cp stages/presets/puzzle_long.yaml params.yaml
+    nice -n 19 .venv/bin/python benchmarks/long_run.py --by-task
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def stage_names(workspace: Path) -> list[str]:
+    out = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=workspace, check=True, capture_output=True,
+                         text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def order_by_task(names: list[str]) -> list[str]:
+    """Keep DVC's order, but run the train and evaluate stages task by task (all agents of a task together)."""
+    runs = [n for n in names if n.startswith(("train_", "evaluate_"))]
+    if not runs:
+        return names
+    first = names.index(runs[0])
+    rest = [n for n in names if n not in runs]
+
+    groups = list(dict.fromkeys(n.split("@")[0].split("_", 1)[1] for n in runs))  # agent groups, DVC's order
+
+    def key(name: str) -> tuple[str, int, int]:
+        kind, item = name.split("@", 1)
+        task = re.fullmatch(r"[^-]+-(.+)-\d+", item)
+        return (task.group(1) if task else item, groups.index(kind.split("_", 1)[1]), kind.startswith("evaluate_"))
+
+    return rest[:first] + sorted(runs, key=key) + rest[first:]
+
+
+def is_up_to_date(workspace: Path, stage: str) -> bool:
+    out = subprocess.run(["dvc", "status", "--json", stage], cwd=workspace, capture_output=True, text=True)
+    if out.returncode != 0:
+        return False
+    status = json.loads(out.stdout or "{}")
+    return not any(name == stage for name in status)
+
+
+def run_stage(workspace: Path, stage: str) -> dict:
+    start, started = time.monotonic(), time.time()
+    proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=workspace)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"stage": stage, "wall_s": round(time.monotonic() - start, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "max_rss_mib": round(usage.ru_maxrss / 1024),
+            "exit": proc.returncode, "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workspace", type=Path, default=Path.cwd())
+    parser.add_argument("--by-task", action="store_true", help="train and evaluate all agents of a task together")
+    parser.add_argument("--only", default=None, help="regex: run only the stages whose name matches")
+    args = parser.parse_args(argv)
+    workspace = args.workspace.resolve()
+    env_bin = str(workspace / ".venv" / "bin")
+    os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")  # the stages' python, as after activation
+    names = stage_names(workspace)
+    if args.by_task:
+        names = order_by_task(names)
+    if args.only:
+        names = [n for n in names if re.search(args.only, n)]
+    log = workspace / "long_run_costs.jsonl"
+    for stage in names:
+        if is_up_to_date(workspace, stage):
+            print(f"[long_run] {stage}: up to date", flush=True)
+            continue
+        print(f"[long_run] {stage}: running", flush=True)
+        record = run_stage(workspace, stage)
+        with log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"[long_run] {json.dumps(record)}", flush=True)
+        if record["exit"] != 0:
+            print(f"[long_run] {stage} failed (exit {record['exit']}); stopping", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
