@@ -114,7 +114,7 @@ def reference(args: argparse.Namespace, policy: Path, episodes: int) -> dict:
     import jax
     import numpy as np
 
-    from stages.core.rollout import resolve_env_id
+    from stages.core.ogbench_names import resolve_env_id
 
     start = time.perf_counter()
     sample_one, _, _ = es.load_exported_policies(str(policy), args.task)

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stages.core.rollout import Evaluator, episode_seed, resolve_env_id, wilson_interval
+from stages.core.ogbench_names import resolve_env_id
+from stages.core.rollout import Evaluator, episode_seed, wilson_interval
 
 # --------------------------------------------------------------------------------------------------------------------
 # A small self-contained flow policy

@@ -39,13 +39,13 @@ from stages import cli
 from stages.core.ogbench_data import (
     DatasetFileError,
     sha256_file,
-    shard_file_names,
     temp_path,
     validate_raw_file,
     write_npz,
 )
 from stages.core.ogbench_generate import GenerationError, Recipe, generate_splits, recipe_for_dataset
-from stages.params import DataParams, Params, ParamsError, TaskSpec, load_params, parse_task
+from stages.core.ogbench_names import TaskSpec, parse_task, shard_file_names
+from stages.params import DataParams, Params, ParamsError, load_params
 
 log = logging.getLogger("stages.download")
 

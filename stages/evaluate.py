@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from stages import cli, layout
-from stages.params import env_for_task
+from stages.core.ogbench_names import env_for_task
 
 log = logging.getLogger("stages.evaluate")
 GIF_FRAME_SKIP = 2

@@ -1,24 +1,16 @@
-"""Typed, validated pipeline parameters (params.yaml), OGBench task naming, and per-environment RQL presets.
+"""The params.yaml schema (pydantic) and the settings it resolves to per task.
 
-`load_params()` validates the whole file before any work starts: unknown keys, unknown task names, zero or negative
-sizes and inconsistent settings raise one `ParamsError` whose message names every offending key.
-
-Task names are OGBench's singletask names: `<env>-<dataset type>[-100m]-singletask[-task<k>]-v0`, e.g.
-`cube-single-play-singletask-task2-v0` (env `cube-single-singletask-task2-v0`, dataset `cube-single-play-v0`) or
-`puzzle-4x4-play-100m-singletask-task1-v0` (dataset `puzzle-4x4-play-100m-v0`, a folder of 1M-transition files).
-
-Presets: the reference implementation's per-environment RQL settings (`PRESETS`). A task whose environment has no
-entry (e.g. cube-single) gets `DEFAULT_PRESET` (alpha 3.0, expectile 0.9, rho 0.5, h 5, discount 0.99), whose sparse
-flag follows the reference's rule by environment family: sparse rewards for scene and puzzle, dense otherwise.
+`load_params()` validates the whole file before any work starts: unknown keys, unknown task names (OGBench's
+singletask names, `stages.core.ogbench_names`), zero or negative sizes and inconsistent settings raise one
+`ParamsError` whose message names every offending key. `resolve_agent` merges the explicit `agent` values over the
+task's per-environment preset (`stages.core.presets`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass
-from functools import cache, lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,198 +27,12 @@ from pydantic import (
     model_validator,
 )
 
+from stages.core.ogbench_names import env_for_task, parse_task  # noqa: F401  (env_for_task: stages/train.py)
+from stages.core.presets import PRESET_NAMES, named_preset, preset_for_task
+
 
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid. The message names each offending key; CLIs print it and exit 2."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# OGBench task naming
-# ---------------------------------------------------------------------------------------------------------------------
-
-MANIPULATION_TYPES = ("play", "noisy")
-# Environment family -> dataset types OGBench publishes for it.
-DATASET_TYPES: dict[str, tuple[str, ...]] = {
-    **{f"cube-{n}": MANIPULATION_TYPES for n in ("single", "double", "triple", "quadruple")},
-    "scene": MANIPULATION_TYPES,
-    **{f"puzzle-{n}": MANIPULATION_TYPES for n in ("3x3", "4x4", "4x5", "4x6")},
-    **{f"pointmaze-{n}": ("navigate", "stitch") for n in ("medium", "large", "giant", "teleport")},
-    **{f"antmaze-{n}": ("navigate", "stitch", "explore") for n in ("medium", "large", "teleport")},
-    "antmaze-giant": ("navigate", "stitch"),
-    **{f"humanoidmaze-{n}": ("navigate", "stitch") for n in ("medium", "large", "giant")},
-    **{f"antsoccer-{n}": ("navigate", "stitch") for n in ("arena", "medium")},
-}
-LARGE_SIZES = ("100m",)  # OGBench's large datasets: a folder of 100 files of 1M transitions each
-EXPERT_FAMILIES = ("antmaze-", "humanoidmaze-", "antsoccer-")  # datasets collected by trained expert policies
-BUTTON_FAMILIES = ("scene", "puzzle-")  # environments whose raw files carry button_states
-
-_TASK_RE = re.compile(
-    r"^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<dataset_type>play|noisy|navigate|stitch|explore)"
-    r"(?:-(?P<size>[0-9]+[a-z]))?-singletask(?:-task(?P<task_id>[0-9]+))?-(?P<version>v[0-9]+)$"
-)
-_TASK_FORM = "<env>-<dataset type>[-100m]-singletask[-task<k>]-v0, e.g. cube-single-play-singletask-task2-v0"
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """The parts of an OGBench singletask name."""
-
-    task: str
-    family: str  # e.g. 'cube-single', 'puzzle-4x4', 'pointmaze-medium'
-    dataset_type: str  # play | noisy | navigate | stitch | explore
-    size: str | None  # None (1M transitions) or '100m'
-    task_id: int | None  # None: the environment's default task
-    version: str
-
-    @property
-    def dataset(self) -> str:
-        """OGBench dataset name: `<family>-<type>[-100m]-v0` (a file, or a folder of files when large)."""
-        size = f"-{self.size}" if self.size else ""
-        return f"{self.family}-{self.dataset_type}{size}-{self.version}"
-
-    @property
-    def shard_stem(self) -> str:
-        """Name stem of the files inside a large dataset's folder: `<stem>-000.npz`, `<stem>-000-val.npz`, ..."""
-        return f"{self.family}-{self.dataset_type}-{self.version}"
-
-    @property
-    def env(self) -> str:
-        """Registered gymnasium id of the singletask environment (the dataset type and size removed)."""
-        task = f"-task{self.task_id}" if self.task_id is not None else ""
-        return f"{self.family}-singletask{task}-{self.version}"
-
-    @property
-    def preset_key(self) -> str:
-        """Key of this task's environment in `PRESETS`, e.g. 'cube-double-play'."""
-        return f"{self.family}-{self.dataset_type}"
-
-    @property
-    def is_large(self) -> bool:
-        return self.size is not None
-
-    @property
-    def needs_expert_weights(self) -> bool:
-        """True when OGBench built the dataset with trained expert policies (only downloadable)."""
-        return self.family.startswith(EXPERT_FAMILIES)
-
-    @property
-    def has_buttons(self) -> bool:
-        return self.family.startswith(BUTTON_FAMILIES)
-
-    @property
-    def sparse_family(self) -> bool:
-        """The reference's sparse-reward rule: scene and puzzle."""
-        return self.family.startswith(BUTTON_FAMILIES)
-
-
-@lru_cache(maxsize=1)
-def _registered_env_ids() -> frozenset[str]:
-    import gymnasium
-    import ogbench  # noqa: F401  (registers OGBench's environments)
-
-    return frozenset(gymnasium.envs.registry)
-
-
-@cache
-def parse_task(task: str) -> TaskSpec:
-    """Parse and check an OGBench singletask name; ValueError with the reason when it is not one."""
-    if not isinstance(task, str):
-        raise TypeError(f"a task name must be a string (got {task!r})")
-    match = _TASK_RE.match(task)
-    if match is None:
-        raise ValueError(f"not an OGBench singletask name {task!r}: expected {_TASK_FORM}")
-    family, dataset_type, size = match["family"], match["dataset_type"], match["size"]
-    if family.startswith("visual-"):
-        raise ValueError(f"{task!r}: pixel-based (visual-*) tasks are not supported by this pipeline")
-    if family not in DATASET_TYPES:
-        raise ValueError(
-            f"{task!r}: unknown OGBench environment {family!r} (known: {', '.join(DATASET_TYPES)})"
-        )
-    if dataset_type not in DATASET_TYPES[family]:
-        allowed = ", ".join(DATASET_TYPES[family])
-        raise ValueError(
-            f"{task!r}: OGBench has no {dataset_type!r} dataset for {family} (it has: {allowed})"
-        )
-    if size is not None and size not in LARGE_SIZES:
-        raise ValueError(
-            f"{task!r}: unknown dataset size {size!r} (OGBench large datasets: {', '.join(LARGE_SIZES)})"
-        )
-    if size is not None and dataset_type not in MANIPULATION_TYPES:
-        raise ValueError(
-            f"{task!r}: OGBench has {size} datasets only for manipulation (play/noisy) environments"
-        )
-    spec = TaskSpec(
-        task=task,
-        family=family,
-        dataset_type=dataset_type,
-        size=size,
-        task_id=int(match["task_id"]) if match["task_id"] is not None else None,
-        version=match["version"],
-    )
-    if spec.env not in _registered_env_ids():
-        raise ValueError(
-            f"{task!r}: OGBench registers no environment {spec.env!r} (singletask ids are task1..task5)"
-        )
-    return spec
-
-
-def dataset_for_task(task: str) -> str:
-    """OGBench dataset a task trains on: `cube-single-play-singletask-task2-v0` -> `cube-single-play-v0`."""
-    return parse_task(task).dataset
-
-
-def env_for_task(task: str) -> str:
-    """Singletask environment of a task: `cube-single-play-singletask-task2-v0` -> `cube-single-singletask-task2-v0`."""
-    return parse_task(task).env
-
-
-def datasets_for_tasks(tasks: list[str]) -> list[str]:
-    """The distinct datasets the tasks need, in first-use order."""
-    return list(dict.fromkeys(dataset_for_task(t) for t in tasks))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Per-environment RQL presets (reference implementation's command list)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Preset:
-    alpha: float  # BC (flow-matching) weight
-    expectile: float  # kappa
-    rho: float  # pessimism over the critic ensemble
-    h: int  # action chunk length
-    discount: float
-    sparse: bool  # r <- -1 * [r != 0]
-
-
-PRESETS: dict[str, Preset] = {
-    "scene-play": Preset(alpha=3.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=True),
-    "puzzle-3x3-play": Preset(alpha=1.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=True),
-    "puzzle-4x4-play": Preset(alpha=1.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=True),
-    "cube-double-play": Preset(alpha=10.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False),
-    "cube-triple-play": Preset(alpha=1.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False),
-    "cube-quadruple-play": Preset(alpha=1.0, expectile=0.7, rho=0.5, h=5, discount=0.99, sparse=False),
-    "antmaze-large-navigate": Preset(alpha=0.1, expectile=0.5, rho=0.5, h=1, discount=0.99, sparse=False),
-    "antmaze-giant-navigate": Preset(alpha=0.1, expectile=0.5, rho=0.5, h=1, discount=0.995, sparse=False),
-    "humanoidmaze-medium-navigate": Preset(
-        alpha=0.3, expectile=0.5, rho=0.0, h=1, discount=0.995, sparse=False
-    ),
-    "humanoidmaze-large-navigate": Preset(
-        alpha=0.3, expectile=0.5, rho=0.0, h=1, discount=0.995, sparse=False
-    ),
-}
-# Environments the reference never ran (e.g. cube-single): documented defaults; sparse follows the family rule.
-DEFAULT_PRESET = Preset(alpha=3.0, expectile=0.9, rho=0.5, h=5, discount=0.99, sparse=False)
-PRESET_NAMES = ("auto", "default", *PRESETS)
-
-
-def preset_for_task(task: str) -> tuple[str, Preset]:
-    """(name, preset) of the task's own environment: its `PRESETS` entry, else 'default' with the family sparse rule."""
-    spec = parse_task(task)
-    if spec.preset_key in PRESETS:
-        return spec.preset_key, PRESETS[spec.preset_key]
-    return "default", dataclasses.replace(DEFAULT_PRESET, sparse=spec.sparse_family)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -475,12 +281,7 @@ def resolve_agent(params: Params, task: str) -> ResolvedAgent:
     """Effective agent settings for `task`. `agent.preset: auto` uses the task's environment preset, a named preset
     is used for every task; `null` values in `agent` come from the preset, explicit values override."""
     agent = params.agent
-    if agent.preset == "auto":
-        name, preset = preset_for_task(task)
-    elif agent.preset == "default":
-        name, preset = "default", DEFAULT_PRESET
-    else:
-        name, preset = agent.preset, PRESETS[agent.preset]
+    name, preset = preset_for_task(task) if agent.preset == "auto" else named_preset(agent.preset)
 
     def pick(field: str) -> Any:
         value = getattr(agent, field)

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from stages import cli, layout
-from stages.params import DATASET_TYPES, load_params, parse_task
+from stages.core.ogbench_names import environment, parse_task
+from stages.params import load_params
 
 log = logging.getLogger("stages.report")
 LOSS_METRICS = ["critic_loss", "bc_loss", "actor_loss", "q_mean", "target_q_mean", "distill_loss"]
@@ -144,24 +145,6 @@ def seed_interval(values: np.ndarray, low: float, high: float) -> tuple[float, f
         return mean, low, high
     half = T95.get(n - 1, T95[30]) * float(np.std(values, ddof=1)) / math.sqrt(n)
     return mean, max(0.0, mean - half), min(100.0, mean + half)
-
-
-def environment(task: str) -> str:
-    """The OGBench environment a task belongs to, named as the paper's per-environment tables do: the family
-    (``cube-single``, ``scene``, ``puzzle-3x3``), qualified by the dataset type when it is not the family's default
-    one (``cube-single-noisy``, ``antmaze-large-stitch``) and by the dataset size (``puzzle-4x4-100m``), so that
-    tasks of different datasets never share a mean."""
-    spec = parse_task(task)
-    name = spec.family
-    if spec.dataset_type != DATASET_TYPES[spec.family][0]:
-        name += f"-{spec.dataset_type}"
-    return name + (f"-{spec.size}" if spec.size else "")
-
-
-def task_key(task: str) -> str:
-    """A task's short, stable key in ``summary.json``: ``cube-single-play-singletask-task2-v0`` ->
-    ``cube-single-play-task2``."""
-    return task.replace("-singletask", "").removesuffix("-v0")
 
 
 def task_stats(evals: pd.DataFrame) -> pd.DataFrame:
@@ -292,7 +275,7 @@ def build_summary(evals: pd.DataFrame) -> dict:
         success[agent] = {
             "overall": round(float(envs.loc[envs["environment"] == OVERALL, "mean"].iloc[0]), 2),
             "env": {e: round(float(m), 2) for e, m in zip(envs["environment"], envs["mean"]) if e != OVERALL},
-            "task": {task_key(t): round(float(m), 2) for t, m in zip(tasks["task"], tasks["mean"])},
+            "task": {parse_task(t).key: round(float(m), 2) for t, m in zip(tasks["task"], tasks["mean"])},
         }
     return {"success": success, "seeds": int(per_task["seeds"].min()), "episodes": int(per_task["episodes"].min())}
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from stages import layout
 from stages.core import ogbench_data
-from stages.params import Params, dataset_for_task, env_for_task, resolve_sparse
+from stages.core.ogbench_names import dataset_for_task, env_for_task
+from stages.params import Params, resolve_sparse
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import dataclasses
 import logging
 
 from stages import cli, layout
-from stages.params import load_params, parse_task, resolve_agent
+from stages.core.ogbench_names import parse_task
+from stages.params import load_params, resolve_agent
 
 log = logging.getLogger("stages.validate")
 

@@ -15,7 +15,6 @@ from stages.core.ogbench_data import (
     dataset_files,
     episode_lengths,
     iter_training_files,
-    large_dataset_stem,
     load_training_data,
     read_npz,
     sparsify_rewards,
@@ -31,7 +30,7 @@ from stages.core.ogbench_generate import (
     make_collection_env,
     recipe_for_dataset,
 )
-from stages.params import env_for_task
+from stages.core.ogbench_names import env_for_task, large_dataset_stem
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*precision lowered by casting to float32")
 

@@ -7,14 +7,18 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from stages.params import (
-    PRESETS,
-    ParamsError,
+from stages.core.ogbench_names import (
     dataset_for_task,
     datasets_for_tasks,
     env_for_task,
-    load_params,
+    large_dataset_stem,
+    parse_dataset,
     parse_task,
+)
+from stages.core.presets import PRESETS
+from stages.params import (
+    ParamsError,
+    load_params,
     resolve_agent,
     resolve_sparse,
     validate_params,
@@ -287,3 +291,34 @@ def test_params_are_immutable(raw):
     params = validate_params(raw)
     with pytest.raises(ValidationError, match="frozen"):
         params.data.episodes = 5
+
+
+def test_environment_names_follow_the_papers_tables():
+    environment = {task: parse_task(task).environment for task in (
+        "cube-single-play-singletask-task2-v0", "cube-single-noisy-singletask-task1-v0",
+        "puzzle-4x4-play-100m-singletask-task3-v0", "scene-play-singletask-task2-v0",
+        "antmaze-large-stitch-singletask-task1-v0")}
+    assert list(environment.values()) == ["cube-single", "cube-single-noisy", "puzzle-4x4-100m", "scene",
+                                          "antmaze-large-stitch"]
+    assert parse_task("cube-single-play-singletask-task2-v0").key == "cube-single-play-task2"
+
+
+def test_dataset_names_parse_to_the_same_facts_as_their_tasks():
+    task = parse_task("puzzle-4x4-play-100m-singletask-task1-v0")
+    dataset = parse_dataset(task.dataset)
+    assert (dataset.family, dataset.dataset_type, dataset.size, dataset.shard_stem) == (
+        "puzzle-4x4", "play", "100m", "puzzle-4x4-play-v0")
+    assert dataset.has_buttons and dataset.sparse_family and dataset.is_manipulation
+    assert large_dataset_stem(task.dataset) == "puzzle-4x4-play-v0" and large_dataset_stem("scene-play-v0") is None
+    assert parse_dataset("antmaze-large-navigate-v0").needs_expert_weights
+    with pytest.raises(ValueError, match="not an OGBench dataset name"):
+        parse_dataset("cube-single")
+
+
+def test_paper_numbers_are_found_by_task_name():
+    from stages.core.paper_numbers import paper_success
+
+    assert paper_success("rql", "scene-play-singletask-task2-v0") == 72.0
+    assert paper_success("rql", "puzzle-4x4-play-100m-singletask-task1-v0") is not None
+    assert paper_success("rql", "cube-single-play-singletask-task2-v0") is None
+    assert paper_success("rql", "not-a-task") is None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.params import PRESETS, load_params, preset_for_task, resolve_agent
+from stages.core.presets import PRESETS, preset_for_task
+from stages.params import load_params, resolve_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +38,18 @@ def test_the_long_puzzle_preset_is_ogbench_sized_with_the_papers_puzzle_settings
     assert params.train.eval_episodes == params.evaluate.episodes == 50
     rql = resolve_agent(params, params.tasks[0])
     assert (rql.alpha, rql.expectile, rql.rho, rql.h, rql.sparse) == (1.0, 0.7, 0.5, 5, True)
+
+
+def test_the_presets_are_the_reference_settings_file():
+    """PRESETS is the reference's per-environment table (stages/reference/rql_hyperparameters.csv), entry for entry."""
+    import csv
+    import dataclasses
+
+    with (ROOT / "stages" / "reference" / "rql_hyperparameters.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["environment"] for row in rows] == list(PRESETS)
+    for row in rows:
+        preset = dataclasses.asdict(PRESETS[row["environment"]])
+        assert preset == {"alpha": float(row["alpha"]), "expectile": float(row["expectile"]),
+                          "rho": float(row["rho"]), "h": int(row["h"]), "discount": float(row["discount"]),
+                          "sparse": row["sparse_reward"] == "true"}, row["environment"]

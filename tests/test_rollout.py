@@ -29,13 +29,13 @@ from stages.core.fast_env import (
     quat_mul,
     yaw_of,
 )
+from stages.core.ogbench_names import resolve_env_id
 from stages.core.rollout import (
     Evaluator,
     _Keys,
     episode_seed,
     evaluate,
     pipeline_groups,
-    resolve_env_id,
     wilson_interval,
 )
 from stages.core.video import write_gif

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from stages.core.ogbench_names import large_dataset_stem
+
 RAW_DTYPES: dict[str, np.dtype] = {
     "observations": np.dtype(np.float32),
     "actions": np.dtype(np.float32),
@@ -50,7 +52,6 @@ RAW_KEYS = (
 TRAINING_KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: same arrays -> same bytes
 _SHARD_RE = re.compile(r"-(\d{3})\.npz$")
-_LARGE_RE = re.compile(r"^(?P<stem>.+)-(?P<size>\d+[mb])-(?P<version>v\d+)$")
 
 
 class DatasetFileError(ValueError):
@@ -326,17 +327,6 @@ def validate_raw_file(path: str | Path, **expectations: Any) -> RawSummary:
 # ---------------------------------------------------------------------------------------------------------------------
 # File layout of OGBench datasets
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def large_dataset_stem(dataset: str) -> str | None:
-    """`puzzle-4x4-play-100m-v0` -> `puzzle-4x4-play-v0` (the name stem of its files); None for a 1M dataset."""
-    match = _LARGE_RE.match(dataset)
-    return f"{match['stem']}-{match['version']}" if match else None
-
-
-def shard_file_names(stem: str, index: int) -> tuple[str, str]:
-    """(train, val) file names of one file of a large dataset, as OGBench's server names them."""
-    return f"{stem}-{index:03d}.npz", f"{stem}-{index:03d}-val.npz"
 
 
 def dataset_files(dataset_dir: str | Path, dataset: str) -> list[tuple[Path, Path]]:

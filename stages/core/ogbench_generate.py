@@ -24,7 +24,6 @@ uniform [-1, 1] from the episode's stream (OGBench's `action_space.sample()` is 
 from __future__ import annotations
 
 import multiprocessing
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -33,14 +32,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from stages.core.ogbench_names import parse_dataset
 from stages.core.parent_watch import die_with_parent
 
 SPLITS = ("train", "val")
-EXPERT_PREFIXES = ("antmaze-", "humanoidmaze-", "antsoccer-")
-_DATASET_RE = re.compile(
-    r"^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<dataset_type>play|noisy|navigate|stitch|explore)"
-    r"(?:-(?P<size>\d+[mb]))?-(?P<version>v\d+)$"
-)
 _P_STACK_RANGES = {
     "single": (0.0, 0.0),
     "double": (0.0, 0.25),
@@ -77,11 +72,11 @@ class Recipe:
 
     @property
     def is_manipulation(self) -> bool:
-        return not self.family.startswith("pointmaze-")
+        return parse_dataset(self.dataset).is_manipulation
 
     @property
     def has_buttons(self) -> bool:
-        return self.family.startswith(("scene", "puzzle-"))
+        return parse_dataset(self.dataset).has_buttons
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,19 +85,19 @@ class Recipe:
 def recipe_for_dataset(dataset: str, episode_steps: int | None = None) -> Recipe:
     """OGBench's recipe for `dataset` (a 1M or 100m name). `episode_steps` overrides the episode length (tests).
     ExpertWeightsRequired for antmaze/humanoidmaze/antsoccer, GenerationError for anything else unsupported."""
-    match = _DATASET_RE.match(dataset)
-    if match is None:
-        raise GenerationError(f"{dataset}: not an OGBench dataset name (<env>-<type>[-100m]-v0)")
-    family, dataset_type, version = match["family"], match["dataset_type"], match["version"]
-    if family.startswith(EXPERT_PREFIXES):
+    try:
+        spec = parse_dataset(dataset)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
+    family, dataset_type, version, kind = spec.family, spec.dataset_type, spec.version, spec.kind
+    if spec.needs_expert_weights:
         raise ExpertWeightsRequired(
             f"{dataset}: OGBench collected this dataset with trained expert policies (SAC checkpoints) whose weights "
             f"are only on the OGBench download server, so it cannot be generated locally. Run the download stage on a "
             f"machine with internet (then `dvc push` to share it), or place {dataset}.npz and {dataset}-val.npz in "
             f"~/.ogbench/data, where the download stage looks first."
         )
-    kind = family.split("-")[0]
-    if kind in ("cube", "scene", "puzzle") and dataset_type in ("play", "noisy"):
+    if spec.is_manipulation and dataset_type in ("play", "noisy"):
         play = dataset_type == "play"
         episodes = {"cube-triple": 3000, "cube-quadruple": 5000, "puzzle-4x5": 3000, "puzzle-4x6": 5000}
         return Recipe(
@@ -184,7 +179,7 @@ def _oracles(env: Any, recipe: Recipe) -> dict[str, Any]:
     from ogbench.manipspace.oracles.plan.drawer_plan import DrawerPlanOracle
     from ogbench.manipspace.oracles.plan.window_plan import WindowPlanOracle
 
-    kind = recipe.family.split("-")[0]
+    kind = parse_dataset(recipe.dataset).kind
     if recipe.dataset_type == "play":
         plan = {"env": env, "noise": recipe.noise, "noise_smoothing": recipe.noise_smoothing}
         if kind == "cube":

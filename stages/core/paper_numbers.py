@@ -2,23 +2,24 @@
 
 The per-task tables live in ``stages/reference/*.csv`` (environment x task1..task5). Their environment names carry
 the reward variant (``scene-play-sparse``) while task names do not (``scene-play-singletask-task2-v0``), so a task
-is matched on its dataset stem and task number. The per-environment means (``baselines_env_means.csv``: the mean
-over an environment's five tasks, one row per method) name environments the short way the paper does:
-``cube-double``, ``scene``, ``puzzle-4x4-100m`` (the family, plus the dataset size when it is not the default).
+is matched on its dataset name without the version and its task number. The per-environment means
+(``baselines_env_means.csv``: the mean over an environment's five tasks, one row per method) name environments the
+short way the paper does (``stages.core.ogbench_names``, ``DatasetSpec.environment``): ``cube-double``, ``scene``,
+``puzzle-4x4-100m``.
 """
 
 from __future__ import annotations
 
 import csv
-import re
 from functools import cache
 from pathlib import Path
+
+from stages.core.ogbench_names import split_task
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
 TABLES = {"rql": "rql_paper_per_task.csv", "fql": "fql_per_task.csv"}
 ENV_MEANS = "baselines_env_means.csv"
 ENV_MEAN_METHODS = {"rql": "RQL", "fql": "FQL"}  # agent -> its row in ENV_MEANS
-_TASK = re.compile(r"^(?P<stem>.+)-singletask-task(?P<number>[1-5])-v0$")
 
 
 @cache
@@ -43,10 +44,11 @@ def paper_success(agent: str, task: str) -> float | None:
     """
     if agent not in TABLES:
         return None
-    match = _TASK.match(task)
-    if match is None:
+    try:
+        spec = split_task(task)
+    except ValueError:
         return None
-    return _table(agent).get((match["stem"], int(match["number"])))
+    return _table(agent).get((spec.dataset.removesuffix(f"-{spec.version}"), spec.task_id))
 
 
 @cache

@@ -44,7 +44,6 @@ Where the time goes (cube-single, 2-core CPU)
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import math
 import os
@@ -61,6 +60,8 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import numpy as np
+
+from stages.core.ogbench_names import registered_env_ids, resolve_env_id
 
 Policy = Callable[[np.ndarray, Any], Any]
 """``policy(observations (n, *obs_shape), key) -> actions (n, h, d)``; see :meth:`Evaluator.run` for ``key``."""
@@ -113,41 +114,6 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == trials else min(1.0, centre + half)
     return low, high
-
-
-def _ensure_ogbench_registered() -> None:
-    """Import ogbench so that its gymnasium ids are registered (and default to headless EGL rendering)."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    import ogbench  # noqa: F401  (registers the environments)
-
-
-def resolve_env_id(name: str) -> str:
-    """The gymnasium id for an OGBench env or single-task dataset name.
-
-    Accepts an env id (``cube-single-singletask-task2-v0``) or a task/dataset name, which names the dataset type too
-    (``cube-single-play-singletask-task2-v0``; mapped as OGBench's ``make_env_and_datasets`` does).
-
-    Raises:
-        ValueError: the name is neither, with the closest registered ids.
-    """
-    import gymnasium
-
-    _ensure_ogbench_registered()
-    registry = gymnasium.envs.registry
-    if name in registry:
-        return name
-    parts = name.split("-")
-    if "singletask" in parts and parts.index("singletask") >= 2:
-        pos = parts.index("singletask")
-        candidate = "-".join(parts[: pos - 1] + parts[pos:])
-        if candidate in registry:
-            return candidate
-    close = difflib.get_close_matches(name, [k for k in registry if "singletask" in k], n=3, cutoff=0.5)
-    hint = f"; closest: {', '.join(close)}" if close else ""
-    raise ValueError(
-        f"unknown OGBench environment {name!r}: expected an env id such as 'cube-single-singletask-task2-v0' or a "
-        f"task name such as 'cube-single-play-singletask-task2-v0'{hint}"
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -251,7 +217,7 @@ def summarize(
 def _make_env(env_id: str, render_size: tuple[int, int], env_kwargs: dict):
     import gymnasium
 
-    _ensure_ogbench_registered()
+    registered_env_ids()  # imports ogbench, which registers its environments
     width, height = render_size
     return gymnasium.make(env_id, width=width, height=height, **env_kwargs)
 
