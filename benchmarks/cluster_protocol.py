@@ -109,14 +109,20 @@ def s3_server(bucket: str = "rql"):
 
 @contextmanager
 def simulated_cluster(base: Path, nodes: int, cpus_per_node: int):
-    """A head without CPUs (the coordinator's) and ``nodes`` worker nodes, each with a clone pool of its own."""
+    """A head without CPUs (the coordinator's) and ``nodes`` worker nodes, each with a clone pool of its own, all
+    on 127.0.0.1 only (``stages.cluster.loopback``: this process must not have imported ray before)."""
+    from stages.cluster.loopback import LOOPBACK, use_loopback
+
+    use_loopback()
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "node_ip_address": LOOPBACK})
     try:
         for index in range(nodes):
-            cluster.add_node(num_cpus=cpus_per_node, env_vars={"RQL_CLUSTER_CLONES": str(base / f"node{index}")})
+            cluster.add_node(num_cpus=cpus_per_node, node_ip_address=LOOPBACK,
+                             env_vars={"RQL_CLUSTER_CLONES": str(base / f"node{index}")})
         cluster.wait_for_nodes()
         yield cluster
     finally:

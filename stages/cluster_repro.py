@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         lines = "\n".join(f"  - {name}: {why}" for name, why in dag.breakers.items())
         raise SystemExit(f"error: these stages cannot be run through the run-cache:\n{lines}")
 
+    from stages.cluster.loopback import LOOPBACK, is_loopback, use_loopback
+
+    if not args.address or is_loopback(args.address):  # this machine only: nothing listens beyond 127.0.0.1
+        use_loopback()
     import ray
 
     from stages.cluster.scheduler import Scheduler, stage_resources, write_summary
@@ -162,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address, logging_level="WARNING", log_to_driver=False)
     else:
         ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
-                 logging_level="WARNING",
-                 log_to_driver=False, _node_ip_address="127.0.0.1")  # a local instance: loopback only
+                 logging_level="WARNING", log_to_driver=False, _node_ip_address=LOOPBACK)
     try:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         has_gpus = any(node["Resources"].get("GPU", 0) > 0 for node in nodes)

@@ -11,6 +11,7 @@ killed) reruns nothing that finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -122,12 +123,66 @@ def kill_train_worker_once(stop: threading.Event, killed: list) -> None:
         time.sleep(0.2)
 
 
-# Slow for now: Ray's simulated cluster (ray.cluster_utils) addresses its nodes by the machine's interface address,
-# not loopback, and this project's CI may only talk to 127.0.0.1; run with `make test-all` (pytest -m '').
-SIMULATED_CLUSTER = pytest.mark.slow
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses of the TCP sockets in LISTEN state that the processes ``pids`` hold (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address = bytes.fromhex(fields[1].split(":")[0])
+                if len(address) == 4:
+                    found.add(".".join(str(b) for b in address[::-1]))
+                else:  # IPv6 in four little-endian words; IPv4-mapped ::ffff:a.b.c.d as a.b.c.d
+                    words = b"".join(address[i:i + 4][::-1] for i in range(0, 16, 4))
+                    found.add(".".join(str(b) for b in words[12:]) if words[:12] == b"\0" * 10 + b"\xff" * 2
+                              else words.hex())
+    return found
 
 
-@SIMULATED_CLUSTER
+def descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (the simulated cluster's processes are this test process's)."""
+    children: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_the_simulated_cluster_listens_on_loopback_only(cluster):
+    """Every socket the head and the nodes listen on is bound to 127.0.0.1, and so is every node's address."""
+    import ray
+
+    pids = descendants(os.getpid())
+    assert len(pids) >= 6  # a GCS and three raylets at least
+    addresses = listening_addresses(pids)
+    assert addresses == {"127.0.0.1"}, addresses
+    assert cluster.address.startswith("127.0.0.1:")
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        nodes = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
+    finally:
+        ray.shutdown()
+    assert nodes == ["127.0.0.1"] * 3
+
+
+@pytest.mark.slow  # the whole tiny study twice (serial and on the cluster): see the next commit
 def test_the_tiny_study_on_a_simulated_cluster_matches_a_serial_repro(cluster, s3, tmp_path):
     workspace, serial = tmp_path / "workspace", tmp_path / "serial"
     for repo in (workspace, serial):
@@ -201,7 +256,6 @@ Path("out/bad.txt").write_text(Path("out/s000.txt").read_text() + "bad\\n")
 '''
 
 
-@SIMULATED_CLUSTER
 def test_a_failing_stage_stops_only_its_descendants_and_a_rerun_redoes_only_them(cluster, s3, tmp_path):
     repo = tmp_path / "toy"
     dag = {"s000": ([], 0.0), "s001": (["s000"], 0.0), "s002": (["s001"], 0.0)}
@@ -237,7 +291,6 @@ def test_a_failing_stage_stops_only_its_descendants_and_a_rerun_redoes_only_them
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
 
 
-@SIMULATED_CLUSTER
 def test_a_rerun_after_the_coordinator_was_killed_reruns_nothing_that_finished(cluster, s3, tmp_path):
     repo = tmp_path / "toy"
     dag = random_dag(8, seed=1, width=3, sleep=(0.5, 1.5))
@@ -263,7 +316,6 @@ def test_a_rerun_after_the_coordinator_was_killed_reruns_nothing_that_finished(c
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
 
 
-@pytest.mark.slow  # hung in a fresh clone here (Ray workers died at start, undiagnosed): not in CI until fixed
 def test_without_an_address_it_is_a_parallel_dvc_repro_on_a_local_ray_instance(tmp_path):
     """The default: a local Ray instance, clones under .dvc/tmp; the same outputs and dvc.lock as dvc repro."""
     dag = {"s000": ([], 0.0), "s001": (["s000"], 0.0), "s002": (["s000"], 0.0), "s003": (["s001", "s002"], 0.0)}
@@ -275,6 +327,8 @@ def test_without_an_address_it_is_a_parallel_dvc_repro_on_a_local_ray_instance(t
                             cwd=tmp_path / "cluster", env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 of 4 stages done (4 ran" in result.stderr
+    summary = json.loads((tmp_path / "cluster" / ".dvc/tmp/cluster-logs/summary.json").read_text())
+    assert all(stage["node"].startswith("127.0.0.1 ") for stage in summary["stages"].values()), summary  # loopback
     for name in dag:
         output = Path("out", f"{name}.txt")
         assert (tmp_path / "cluster" / output).read_bytes() == (tmp_path / "serial" / output).read_bytes()
