@@ -8,16 +8,15 @@ stages of a study (which compile the same update) and the evaluate stages compil
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from stages.core import xla_setup  # noqa: F401  (before JAX starts: its flags only act on a new backend)
+from stages.core.files import write_json  # noqa: F401  (stages write their JSON outputs as cli.write_json)
 
 log = logging.getLogger("stages")
 COMPILATION_CACHE_ENV = "RQL_JAX_CACHE"  # a folder, or "off"; default: .cache/jax in the repository
@@ -90,13 +89,6 @@ def stage_args(module: str, doc: str, argv: list[str], *, per_run: bool):
         raise ValueError(f"run ({args.agent}, seed {args.seed}) is not in params.yaml "
                          f"(agents {params.agents.runs}, seeds {params.seeds})")
     return args, params
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write ``payload`` as sorted, indented JSON atomically (temp file + rename)."""
-    from stages.core.files import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def error_line(exc: BaseException) -> str:

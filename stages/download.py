@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import logging
 import os
 import shutil
@@ -36,13 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from stages import cli
-from stages.core.ogbench_data import (
-    DatasetFileError,
-    sha256_file,
-    temp_path,
-    validate_raw_file,
-    write_npz,
-)
+from stages.core.files import atomic_path, sha256_file, temporaries, write_json
+from stages.core.ogbench_data import DatasetFileError, validate_raw_file, write_npz
 from stages.core.ogbench_generate import GenerationError, Recipe, generate_splits, recipe_for_dataset
 from stages.core.ogbench_names import TaskSpec, parse_task, shard_file_names
 from stages.params import DataParams, Params, ParamsError, load_params
@@ -115,7 +109,7 @@ def clean_outputs(out: Path) -> None:
 
 def remove_dataset_files(out: Path, plan: DatasetPlan) -> None:
     for name in plan.files:
-        for path in (out / name, temp_path(out / name)):
+        for path in (out / name, *temporaries(out / name)):
             path.unlink(missing_ok=True)
 
 
@@ -146,16 +140,6 @@ def ogbench_download(stems: list[str], folder: Path, base_url: str) -> None:
         ogbench.download_datasets(stems, dataset_dir=str(folder))
 
 
-def _copy_atomically(source: Path, target: Path) -> None:
-    tmp = temp_path(target)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def download_dataset(plan: DatasetPlan, out: Path, ogbench_dir: Path, download: Downloader) -> str:
     """Bring the dataset's files into `out`: copies from `ogbench_dir` when present there, else a download.
     Returns the source recorded in the manifest. Network failures propagate (NETWORK_ERRORS)."""
@@ -163,8 +147,8 @@ def download_dataset(plan: DatasetPlan, out: Path, ogbench_dir: Path, download: 
     for train, val in plan.file_pairs:
         if (ogbench_dir / train).is_file() and (ogbench_dir / val).is_file():
             for name in (train, val):
-                (out / name).parent.mkdir(parents=True, exist_ok=True)
-                _copy_atomically(ogbench_dir / name, out / name)
+                with atomic_path(out / name) as tmp:
+                    shutil.copyfile(ogbench_dir / name, tmp)
             copied += 1
             continue
         folder = (out / train).parent
@@ -317,10 +301,7 @@ def library_versions() -> dict[str, str]:
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Deterministic JSON (sorted keys), written atomically."""
-    path = out / MANIFEST
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(out / MANIFEST, manifest)
 
 
 def run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import numpy as np
 from stages import layout
 from stages.core import cache_build, checkpoints, shards
 from stages.core.agents.common import copy_tree, init_velocity, make_actor
+from stages.core.files import sha256_file
 
 log = logging.getLogger(__name__)
 PRIOR_FILE = "policy.msgpack"
@@ -38,7 +38,7 @@ def load_prior(task: str, config) -> Prior:
     """Read ``data/priors/<task>/policy.msgpack``, checked against the actor shape ``config`` describes."""
     path = layout.prior_dir(task) / PRIOR_FILE
     loaded = checkpoints.load_policy(path, template=actor_template(config))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     return Prior(params=jax.tree_util.tree_map(jnp.asarray, loaded.params), sha256=digest)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from stages import layout
 from stages.core import ogbench_data
+from stages.core.files import sha256_file
 from stages.core.ogbench_names import dataset_for_task, env_for_task
 from stages.params import Params, resolve_sparse
 
@@ -56,7 +57,7 @@ def load_task_data(params: Params, task: str, file_index: int = 0, dataset_dir: 
     path = files[file_index % len(files)]
     log.info("loading %s for %s", path, task)
     arrays = ogbench_data.load_training_data(path, env_for_task(task), sparse=resolve_sparse(params, task), env=env)
-    return TaskData(task=task, arrays=arrays, path=path, sha256=ogbench_data.sha256_file(path))
+    return TaskData(task=task, arrays=arrays, path=path, sha256=sha256_file(path))
 
 
 def dataset_fingerprint(task: str, dataset_dir: Path = layout.DATASETS) -> str:
@@ -70,5 +71,5 @@ def dataset_fingerprint(task: str, dataset_dir: Path = layout.DATASETS) -> str:
     if manifest.is_file():
         entry = json.loads(manifest.read_text()).get("datasets", {}).get(dataset_for_task(task), {})
         recorded = {name: info.get("sha256") for name, info in entry.get("files", {}).items()}
-    digests = [recorded.get(path.name) or ogbench_data.sha256_file(path) for path in files]
+    digests = [recorded.get(path.name) or sha256_file(path) for path in files]
     return hashlib.sha256("\n".join(digests).encode()).hexdigest() if len(files) > 1 else digests[0]

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from stages import download
-from stages.core.ogbench_data import DatasetFileError, read_npz, sha256_file, write_npz
+from stages.core.files import sha256_file
+from stages.core.ogbench_data import DatasetFileError, read_npz, write_npz
 from stages.core.ogbench_generate import GenerationError, generate_splits, recipe_for_dataset
 from stages.params import validate_params
 

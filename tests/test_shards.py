@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.core import shards as S
+from stages.core.files import sha256_file
 
 F, H, D = 3, 2, 2
 WIDTH = (F + 1) * H * D
@@ -186,7 +187,7 @@ def test_unreadable_parquet_named(cache):
     path = cache / "part-00000.parquet"
     path.write_bytes(b"not parquet at all")
     raw = json.loads((cache / S.MANIFEST_NAME).read_text())
-    raw["shards"][0].update(bytes=path.stat().st_size, sha256=S.file_sha256(path))
+    raw["shards"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
     (cache / S.MANIFEST_NAME).write_text(json.dumps(raw))
     with pytest.raises(S.ShardCacheError, match=r"part-00000\.parquet is not a readable Parquet file"):
         S.read_cache(cache)
@@ -206,7 +207,7 @@ def test_shard_schema_version(cache):
     meta[b"rql.schema_version"] = b"0"
     pq.write_table(table.replace_schema_metadata(meta), path, compression="zstd")
     raw = json.loads((cache / S.MANIFEST_NAME).read_text())
-    raw["shards"][0].update(bytes=path.stat().st_size, sha256=S.file_sha256(path))
+    raw["shards"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
     (cache / S.MANIFEST_NAME).write_text(json.dumps(raw))
     with pytest.raises(S.ShardCacheError, match=r"part-00000\.parquet schema version '0' != supported 1"):
         S.read_cache(cache)

@@ -47,7 +47,7 @@ import jax
 import msgpack
 import numpy as np
 
-from stages.core.files import atomic_write_bytes
+from stages.core.files import atomic_write_bytes, compact_json, sha256_file
 
 State = TypeVar("State")
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _stored_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 def _canonical_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """JSON round trip: tuples become lists, numpy scalars Python numbers; non-JSON-able values raise."""
-    return json.loads(_canonical_json(dict(metadata or {})))
+    return json.loads(compact_json(dict(metadata or {})))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -144,21 +144,13 @@ def state_digest(tree: Any) -> str:
     for (path, _), value in zip(paths, jax.device_get(leaves), strict=True):
         arr = np.asarray(value)
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-        digest.update(_canonical_json([list(path), arr.dtype.str, list(arr.shape)]).encode())
+        digest.update(compact_json([list(path), arr.dtype.str, list(arr.shape)]).encode())
         digest.update(arr.tobytes())
     return digest.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _json_digest(payload: Any) -> str:
-    return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
+    return hashlib.sha256(compact_json(payload).encode()).hexdigest()
 
 
 def _is_orbax_leftover(unraisable: Any) -> bool:
@@ -281,13 +273,13 @@ class TrainCheckpointer:
 
     def _step_files(self, step: int) -> dict[str, list[Any]]:
         root = self.directory / str(step)
-        return {path.relative_to(root).as_posix(): [path.stat().st_size, _sha256_file(path)]
+        return {path.relative_to(root).as_posix(): [path.stat().st_size, sha256_file(path)]
                 for path in sorted(root.rglob("*"))
                 if path.is_file() and path.name != FILES_MANIFEST and not path.name.startswith(".")}
 
     def _write_files_manifest(self, step: int) -> None:
         atomic_write_bytes(self.directory / str(step) / FILES_MANIFEST,
-                           _canonical_json({"files": self._step_files(step)}).encode())
+                           compact_json({"files": self._step_files(step)}).encode())
 
     def _verify_files(self, step: int) -> None:
         """Compare the step's files with its manifest (a step saved asynchronously, or killed before the manifest
@@ -308,7 +300,7 @@ class TrainCheckpointer:
             actual = path.stat().st_size
             if actual != size:
                 raise CheckpointError(f"{where}: file {name} is {actual} bytes, {size} when saved (truncated?)")
-            if _sha256_file(path) != sha:
+            if sha256_file(path) != sha:
                 raise CheckpointError(f"{where}: file {name} does not match its sha256 (altered)")
 
     def wait_until_finished(self) -> None:
@@ -487,18 +479,6 @@ class LoadedPolicy(NamedTuple):
     metadata: dict[str, Any]
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"metadata value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
-
-
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True, default=_json_default
-    )
-
-
 def _array_entry(path: tuple[str, ...], leaf: Any) -> list[Any]:
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None and _is_prng_key(dtype):
@@ -520,7 +500,7 @@ def encode_policy(params: Any, metadata: Mapping[str, Any]) -> bytes:
         if a[0] == b[0]:
             raise ValueError(f"two policy params share the path {'/'.join(a[0])}")
     body = msgpack.packb(
-        {"arrays": entries, "format": POLICY_FORMAT, "metadata": _canonical_json(dict(metadata))},
+        {"arrays": entries, "format": POLICY_FORMAT, "metadata": compact_json(dict(metadata))},
         use_bin_type=True,
     )
     digest = hashlib.sha256(body).digest()

@@ -7,8 +7,6 @@ no timestamp in the PNG metadata, so the same data gives the same bytes.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +16,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from stages.core.files import atomic_path
 
 AGENT_COLORS = {"rql": "#1f77b4", "fql": "#ff7f0e", "bc_flow": "#2ca02c"}
 FALLBACK_COLORS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -34,15 +34,10 @@ def color_for(name: str, order: list[str]) -> str:
 def save_png(figure: Figure, path: Path) -> Path:
     """Write ``figure`` to ``path`` atomically (temp + rename) with byte-stable metadata, then close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        figure.savefig(temp, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
-        os.replace(temp, path)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
     finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
         plt.close(figure)
     return path
 

@@ -16,9 +16,7 @@ Large datasets (`*-100m-v0`) are folders of 1M-transition files `<stem>-NNN.npz`
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import re
 import struct
 import tokenize
@@ -32,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.core.files import atomic_path
 from stages.core.ogbench_names import large_dataset_stem
 
 RAW_DTYPES: dict[str, np.dtype] = {
@@ -74,40 +73,18 @@ class RawSummary:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def temp_path(path: Path) -> Path:
-    """The temporary name a file is written under before its atomic rename."""
-    return path.with_name(path.name + ".tmp")
-
-
 def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write arrays as a compressed .npz like `np.savez_compressed` (zlib's default level), but atomically (temp file,
     fsync, rename) and deterministically (fixed member order, timestamps and attributes: identical arrays give
     identical bytes). Object arrays are refused."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-            for key, array in arrays.items():
-                member = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
-                member.compress_type = zipfile.ZIP_DEFLATED
-                member.external_attr = 0o644 << 16
-                member.create_system = 3
-                with archive.open(member, "w", force_zip64=True) as stream:
-                    np.lib.format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for key, array in arrays.items():
+            member = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            member.external_attr = 0o644 << 16
+            member.create_system = 3
+            with archive.open(member, "w", force_zip64=True) as stream:
+                np.lib.format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

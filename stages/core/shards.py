@@ -25,7 +25,6 @@ Nothing here knows the project's folder layout: every function takes the cache d
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.core.files import fsync_path, pretty_json, sha256_file
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "rql-reversal-cache"
 MANIFEST_NAME = "manifest.json"
@@ -49,7 +50,6 @@ DEFAULT_REBUILD_HINT = "rebuild the cache"
 
 _SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
 _PARTIAL_TAG = ".partial-"
-_HASH_BLOCK = 8 << 20
 
 
 class ShardCacheError(ValueError):
@@ -154,25 +154,8 @@ def _validate_geometry(F: int, h: int, d: int, method: str) -> None:
 # Small file helpers
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in blocks (bounded memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=True) + "\n"
+def _manifest_json(obj: Any) -> str:
+    return pretty_json(obj, allow_nan=False)
 
 
 def _one_line(exc: object) -> str:
@@ -354,7 +337,7 @@ class _ShardWriter:
         self._writer.close()
         self._writer = None
         path = self.directory / shard_name(len(self.shards))
-        _fsync_path(path)
+        fsync_path(path)
         self.shards.append(
             ShardInfo(
                 file=path.name,
@@ -362,7 +345,7 @@ class _ShardWriter:
                 first_row=self._shard_first_row,
                 last_row=last_row,
                 bytes=path.stat().st_size,
-                sha256=file_sha256(path),
+                sha256=sha256_file(path),
             )
         )
         self._shard_filled = 0
@@ -415,7 +398,7 @@ def write_cache(
     if shard_rows < 1 or row_group_rows < 1:
         raise ValueError(f"shard_rows and row_group_rows must be >= 1, got {shard_rows} and {row_group_rows}")
     inputs = _check_inputs(inputs)
-    extra_dict = json.loads(_canonical_json(dict(extra or {})))
+    extra_dict = json.loads(_manifest_json(dict(extra or {})))
     target = Path(directory).absolute()
     if target.exists() and not overwrite:
         raise FileExistsError(f"reversal cache {target} already exists (pass overwrite=True to replace it)")
@@ -434,9 +417,9 @@ def write_cache(
         writer.finish()
         manifest = _build_manifest(writer, F, h, d, method, inputs, extra_dict)
         manifest_path = partial / MANIFEST_NAME
-        manifest_path.write_text(_canonical_json(_manifest_to_json(manifest)), encoding="utf-8")
-        _fsync_path(manifest_path)
-        _fsync_path(partial)
+        manifest_path.write_text(_manifest_json(_manifest_to_json(manifest)), encoding="utf-8")
+        fsync_path(manifest_path)
+        fsync_path(partial)
         _replace_directory(partial, target)
     except BaseException:
         writer.abort()
@@ -530,7 +513,7 @@ def _replace_directory(partial: Path, target: Path) -> None:
         old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(target, old)
     os.rename(partial, target)
-    _fsync_path(target.parent)
+    fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -660,7 +643,7 @@ def _check_shard_file(
             "re-pull or rebuild the cache"
         )
     if verify_sha256:
-        digest = file_sha256(path)
+        digest = sha256_file(path)
         if digest != info.sha256:
             raise ShardCacheError(
                 f"shard {path} sha256 {digest} != manifest {info.sha256}: corrupt or modified; "

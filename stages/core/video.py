@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from stages.core.files import atomic_path
 
 
 def as_frames(frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -51,13 +52,6 @@ def write_gif(path: str | os.PathLike, frames: Sequence[np.ndarray] | np.ndarray
         raise ValueError(f"fps must be positive, got {fps}")
     stacked = as_frames(frames)
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".gif.tmp", dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         iio.imwrite(tmp, stacked, extension=".gif", duration=1000.0 / fps, loop=0)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
