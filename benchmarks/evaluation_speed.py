@@ -106,7 +106,7 @@ def load_exported_policies(path: str, task: str):
     The batched policy is the one the evaluate stage uses; the reference way calls it with a batch of one.
     """
     from stages.agent_setup import config_from_metadata, make_policy
-    from stages.core.checkpoints import load_policy
+    from stages.core.policy_file import load_policy
 
     loaded = load_policy(path)
     if loaded.metadata.get("task") not in (None, task):

@@ -132,7 +132,7 @@ def main() -> None:
         print(f"reverse {method:5s}: {figures['chunks_per_s']:8.0f} chunks/s; round-trip error median "
               f"{figures['median']:.2e}, p99 {figures['p99']:.2e}, max {figures['max']:.2e}")
 
-    from stages.core import checkpoints
+    from stages.core import policy_file
 
     work = Path(tempfile.mkdtemp(prefix="reversal-bench-"))
     try:
@@ -141,7 +141,7 @@ def main() -> None:
         rows = scaled_dataset(args.dataset, args.scale, datasets)
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
         (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        checkpoints.save_policy(work / "data" / "priors" / TASK / "policy.msgpack", prior,
+        policy_file.save_policy(work / "data" / "priors" / TASK / "policy.msgpack", prior,
                                 {"algorithm": "bc_flow", "task": TASK})
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         started = time.perf_counter()

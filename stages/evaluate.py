@@ -17,6 +17,7 @@ from stages.core.ogbench_names import env_for_task
 
 log = logging.getLogger("stages.evaluate")
 GIF_FRAME_SKIP = 2
+GIF_SHADOWS = 0  # shadow map size of GIF frames; 0: none (the shadow pass was most of a CPU-rendered frame's cost)
 VIDEO_PROCESSES = 1  # processes replaying the GIF episode (2, each rendering every other frame, measured slower)
 
 
@@ -29,7 +30,8 @@ def main(argv: list[str]) -> None:
     # The env processes start first and build their envs (and the video process its renderer) while this process
     # imports JAX and the agent, loads the policy and compiles it (the warm-up call); this process steps no env.
     with rollout.Evaluator(env_for_task(args.task), num_envs=num_envs, workers=min(e.workers, num_envs),
-                           in_process=False, video_processes=VIDEO_PROCESSES if e.video else 0) as evaluator:
+                           in_process=False, video_processes=VIDEO_PROCESSES if e.video else 0,
+                           shadow_size=GIF_SHADOWS) as evaluator:
         cli.select_device(params.train.device)
         from stages.agent_setup import config_from_metadata, make_policy
         from stages.core import checkpoints

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from stages.agent_setup import prior_config
-    from stages.core import batches, checkpoints, training_loop
+    from stages.core import batches, policy_file, training_loop
     from stages.core.agents import bc_flow
     from stages.task_data import load_task_data
 
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     out = layout.prior_dir(args.task)
     metadata = {"agent": "bc_flow", "algorithm": "bc_flow", "task": args.task, "seed": PRIOR_SEED, "steps": steps,
                 "config": dataclasses.asdict(config), "inputs": {"dataset": data.sha256}}
-    digest = checkpoints.save_policy(out / "policy.msgpack", jax.device_get(bc_flow.policy_params(state)), metadata)
+    digest = policy_file.save_policy(out / "policy.msgpack", jax.device_get(bc_flow.policy_params(state)), metadata)
     final = {k: v for k, v in losses[-1].items() if k != "steps_per_second"}  # byte-stable: no timings
     cli.write_json(out / "prior.json", {"task": args.task, "steps": steps, "final_metrics": final,
                                         "policy_sha256": digest, "dataset_sha256": data.sha256})

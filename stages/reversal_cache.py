@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stages import layout
-from stages.core import cache_build, checkpoints, shards
+from stages.core import cache_build, policy_file, shards
 from stages.core.agents.common import copy_tree, init_velocity, make_actor
 from stages.core.files import sha256_file
 
@@ -37,7 +37,7 @@ def actor_template(config) -> Any:
 def load_prior(task: str, config) -> Prior:
     """Read ``data/priors/<task>/policy.msgpack``, checked against the actor shape ``config`` describes."""
     path = layout.prior_dir(task) / PRIOR_FILE
-    loaded = checkpoints.load_policy(path, template=actor_template(config))
+    loaded = policy_file.load_policy(path, template=actor_template(config))
     digest = sha256_file(path)
     return Prior(params=jax.tree_util.tree_map(jnp.asarray, loaded.params), sha256=digest)
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from stages import download, layout, train
-from stages.core import checkpoints, training_loop
+from stages.core import checkpoints, policy_file, training_loop
 from stages.core.agents import bc_flow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def reference(repo, tmp_path_factory) -> dict:
 
 def test_an_uninterrupted_run_writes_valid_outputs_and_nothing_else(repo, reference):
     assert reference["names"] == ["live", "policy.msgpack", "summary.json"]  # no temporary folder or file left
-    loaded = checkpoints.decode_policy(reference["policy"], source="policy.msgpack")
+    loaded = policy_file.decode_policy(reference["policy"], source="policy.msgpack")
     assert loaded.metadata["agent"] == AGENT and loaded.metadata["steps"] == 200
     summary = reference["summary"]
     assert summary["steps"] == 200 and summary["resumed_from"] == 0

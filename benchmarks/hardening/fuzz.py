@@ -488,7 +488,7 @@ def _policy_params():
 
 
 def _policy_build(workdir: Path) -> dict:
-    from stages.core.checkpoints import save_policy
+    from stages.core.policy_file import save_policy
 
     path = workdir / "policy.msgpack"
     save_policy(path, _policy_params(), POLICY_METADATA)
@@ -496,7 +496,7 @@ def _policy_build(workdir: Path) -> dict:
 
 
 def _reseal(body: bytes) -> bytes:
-    from stages.core.checkpoints import _HEADER, POLICY_FORMAT_VERSION, POLICY_MAGIC
+    from stages.core.policy_file import _HEADER, POLICY_FORMAT_VERSION, POLICY_MAGIC
 
     return _HEADER.pack(POLICY_MAGIC, POLICY_FORMAT_VERSION, len(body), hashlib.sha256(body).digest()) + body
 
@@ -541,7 +541,7 @@ def _mutate_payload(rng: random.Random, payload: dict) -> str:
 def _policy_mutate(rng: random.Random, ctx: dict, trial: Path) -> tuple[str, bool]:
     import msgpack
 
-    from stages.core.checkpoints import _HEADER
+    from stages.core.policy_file import _HEADER
 
     data = ctx["bytes"]
     choice = rng.random()
@@ -571,13 +571,13 @@ def _policy_mutate(rng: random.Random, ctx: dict, trial: Path) -> tuple[str, boo
 
 
 def _policy_load_template(ctx: dict, trial: Path):
-    from stages.core.checkpoints import load_policy
+    from stages.core.policy_file import load_policy
 
     return load_policy(trial / "policy.msgpack", template=ctx["params"], expected_metadata={"agent": "bc_flow"})
 
 
 def _policy_load_plain(ctx: dict, trial: Path):
-    from stages.core.checkpoints import decode_policy
+    from stages.core.policy_file import decode_policy
 
     return decode_policy((trial / "policy.msgpack").read_bytes(), source=str(trial / "policy.msgpack"))
 
@@ -594,7 +594,7 @@ def _policy_same(ctx: dict, result) -> bool:
 
 
 def _policy_error() -> type:
-    from stages.core.checkpoints import PolicyFileError
+    from stages.core.policy_file import PolicyFileError
 
     return PolicyFileError
 

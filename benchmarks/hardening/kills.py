@@ -94,7 +94,7 @@ def validate_file(path: Path) -> str | None:
 
             validate_raw_file(path)
         elif name.endswith(".msgpack"):
-            from stages.core.checkpoints import load_policy
+            from stages.core.policy_file import load_policy
 
             load_policy(path)
         elif name.endswith(".json"):
