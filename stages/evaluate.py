@@ -34,10 +34,10 @@ def main(argv: list[str]) -> None:
                            shadow_size=GIF_SHADOWS) as evaluator:
         cli.select_device(params.train.device)
         from stages.agent_setup import config_from_metadata, make_policy
-        from stages.core import checkpoints
+        from stages.core import policy_file
 
         policy_path = layout.run_dir(args.agent, args.task, args.seed) / "policy.msgpack"
-        loaded = checkpoints.load_policy(policy_path, expected_metadata={"agent": args.agent, "task": args.task,
+        loaded = policy_file.load_policy(policy_path, expected_metadata={"agent": args.agent, "task": args.task,
                                                                          "seed": args.seed})
         algorithm, config = config_from_metadata(loaded.metadata)
         result = evaluator.run(
