@@ -449,6 +449,21 @@ def test_video_frames_and_gif(local, tmp_path):
         write_gif(tmp_path / "empty.gif", [])
 
 
+def test_video_frames_without_shadows_turn_off_every_lights_shadow_and_keep_the_same_episode(local):
+    """shadow_size=0 (the evaluate stage's GIF): no light casts a shadow, frames differ, the episode is the same."""
+    with Evaluator(TASK, num_envs=1, workers=1, shadow_size=0) as shadowless:
+        plain = shadowless.run(OraclePolicy(h=5), episodes=1, max_episode_steps=10, video_episodes=1, frame_skip=4)
+        model = shadowless._backend.local.envs[0].unwrapped._model
+        assert model.nlight > 0 and not model.light_castshadow.any()
+    shadowed = local.run(OraclePolicy(h=5), episodes=1, max_episode_steps=10, video_episodes=1, frame_skip=4)
+    assert local._backend.local.envs[0].unwrapped._model.light_castshadow.any()
+    assert plain.videos[0].shape == shadowed.videos[0].shape
+    assert not np.array_equal(plain.videos[0], shadowed.videos[0]), "the shadow of the arm is gone"
+    assert plain.to_dict()["episodes"] == shadowed.to_dict()["episodes"]  # rendering changes no step of the episode
+    with pytest.raises(ValueError, match="shadow_size"):
+        Evaluator(TASK, num_envs=1, workers=1, shadow_size=-1)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Worker processes only (in_process=False), the video process, workers that die with their parent
 # --------------------------------------------------------------------------------------------------------------------

@@ -276,7 +276,9 @@ class _EnvGroup:
 
     def _frame(self, i: int) -> np.ndarray:
         model = getattr(self.envs[i].unwrapped, "_model", None)
-        if self.shadow_size and getattr(self.envs[i].unwrapped, "_renderer", False) is None and model is not None:
+        if self.shadow_size == 0 and model is not None:
+            model.light_castshadow[:] = False  # rendering only: the physics never reads it
+        elif self.shadow_size and getattr(self.envs[i].unwrapped, "_renderer", False) is None and model is not None:
             model.vis.quality.shadowsize = self.shadow_size  # read when the renderer (GL context) is made
         try:
             return np.asarray(self.envs[i].render(), dtype=np.uint8).copy()
@@ -752,9 +754,9 @@ class Evaluator:
             the episode (return, length, success, last observation).
         render_size: (width, height) of rendered video frames.
         shadow_size: shadow map size (pixels a side) for video frames of MuJoCo envs that use shadows; None keeps
-            the model's (OGBench: 4096). With headless software rendering (EGL on llvmpipe, no GPU) a frame costs
-            ~0.24 s of CPU at 4096 and ~0.16 s at 1024, which looks the same at 200x200 (mean pixel difference
-            0.04/255). Only rendering is affected.
+            the model's (OGBench: 4096); 0 renders without shadows (no light casts one), much cheaper with headless
+            software rendering (EGL on llvmpipe, no GPU; see benchmarks/evaluate_stage.py). Only rendering is
+            affected.
         env_kwargs: extra keyword arguments for ``gymnasium.make``.
         fast_env: step OGBench manipulation envs with :class:`stages.core.fast_env.ManipStepper` (bitwise the same
             outputs, ~30% less time per step); False steps the gymnasium env itself.
@@ -786,8 +788,8 @@ class Evaluator:
             raise ValueError(f"workers ({workers}) must not exceed num_envs ({num_envs})")
         if len(render_size) != 2 or min(render_size) < 1:
             raise ValueError(f"render_size must be (width, height) with positive sizes, got {render_size!r}")
-        if shadow_size is not None and (not isinstance(shadow_size, int) or shadow_size < 1):
-            raise ValueError(f"shadow_size must be a positive integer or None, got {shadow_size!r}")
+        if shadow_size is not None and (not isinstance(shadow_size, int) or shadow_size < 0):
+            raise ValueError(f"shadow_size must be an integer >= 0 or None, got {shadow_size!r}")
         self.env_id = resolve_env_id(env_name)
         self.num_envs = num_envs
         self.workers = workers
