@@ -53,7 +53,8 @@ def order_by_task(names: list[str]) -> list[str]:
 
 
 def is_up_to_date(workspace: Path, stage: str) -> bool:
-    out = subprocess.run(["dvc", "status", "--json", stage], cwd=workspace, capture_output=True, text=True)
+    out = subprocess.run(["dvc", "status", "--json", stage], cwd=workspace, capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         return False
     status = json.loads(out.stdout or "{}")

@@ -207,6 +207,14 @@ def corrupt_cache_object(relative: str, remove_workspace: bool) -> Callable[[Pat
     return breaks
 
 
+def _checked_out(breaks: Callable[[Path], None]) -> Callable[[Path], None]:
+    """``breaks``, then ``dvc checkout`` (which copies a damaged object into the workspace and exits 0)."""
+    def then_checkout(study: Path) -> None:
+        breaks(study)
+        run([*DVC, "checkout"], study)
+    return then_checkout
+
+
 def corrupt_remote_object(relative: str, drop: bool = False) -> Callable[[Path], None]:
     """Damage (or delete) the remote's copy of one file, then make the study a fresh clone without a cache."""
     def breaks(study: Path) -> None:
@@ -429,6 +437,9 @@ def _cases() -> list[Case]:
         # DVC's cache and remote
         Case("dvc cache: corrupt object, dvc checkout", "dvc", corrupt_cache_object(DATASET, True),
              [*DVC, "checkout"], ("cube-single-play-v0",), check=_dvc_named(("cube-single-play-v0",))),
+        Case("dvc cache: corrupt object checked out, verify_cache", "dvc",
+             _checked_out(corrupt_cache_object(DATASET, True)), [sys.executable, "-m", "stages.verify_cache"],
+             ("cube-single-play-v0",)),
         Case("dvc cache: corrupt object, dvc status", "dvc", flip_byte(DATASET), [*DVC, "status"], (),
              check=_status_names_modified),
         Case("dvc remote: corrupt object, dvc pull", "dvc", corrupt_remote_object(DATASET), [*DVC, "pull"],
