@@ -26,7 +26,7 @@ COMPILATION_CACHE_MIN_SECONDS = 0.2  # compilations faster than this are not wor
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax", "matplotlib"):
+    for noisy in ("absl", "jax._src", "orbax", "matplotlib", "OpenGL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

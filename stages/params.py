@@ -32,7 +32,7 @@ from stages.core.presets import PRESET_NAMES, named_preset, preset_for_task
 
 
 class ParamsError(ValueError):
-    """params.yaml is missing, unreadable or invalid. The message names each offending key; CLIs print it and exit 2."""
+    """params.yaml is missing, unreadable or invalid. The message names each offending key (stages: one error line)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ import pytest
 import yaml
 
 from stages import download
+from stages.core import datasets
 from stages.core.files import sha256_file
 from stages.core.ogbench_data import DatasetFileError, read_npz, write_npz
 from stages.core.ogbench_generate import GenerationError, generate_splits, recipe_for_dataset
-from stages.params import validate_params
+from stages.params import ParamsError, validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MAZE_TASK = "pointmaze-medium-navigate-singletask-task1-v0"
@@ -48,6 +49,11 @@ def tiny_params(tmp_path: Path, name: str = "params.yaml", tasks=(MAZE_TASK,), *
 
 def params_of(tmp_path: Path, **kwargs):
     return validate_params(yaml.safe_load(tiny_params(tmp_path, **kwargs).read_text()))
+
+
+def run(params, out: Path, ogbench_dir: Path, **kwargs) -> dict:
+    """What the stage does with validated params: every dataset of its tasks into ``out``; the manifest."""
+    return datasets.obtain_datasets(params.tasks, params.data, out, ogbench_dir, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +109,7 @@ def test_stage_cli_generates_ogbench_files_byte_identically(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "cube-single-play-v0.npz: valid, 60 rows in 2 episodes" in result.stderr
-    assert download.main([*command[3:], "--out", str(second)]) == 0  # same params, in this process
+    download.main([*command[3:], "--out", str(second)])  # same params, in this process
 
     names = sorted(p.name for p in first.iterdir())
     assert names == ["cube-single-play-v0-val.npz", "cube-single-play-v0.npz", "manifest.json"]
@@ -130,7 +136,7 @@ def test_another_seed_gives_other_files(tmp_path):
     outs = []
     for seed in (0, 1):
         outs.append(tmp_path / f"seed{seed}")
-        download.run(params_of(tmp_path, seed=seed), outs[-1], tmp_path / "none")
+        run(params_of(tmp_path, seed=seed), outs[-1], tmp_path / "none")
     assert (outs[0] / f"{MAZE}.npz").read_bytes() != (outs[1] / f"{MAZE}.npz").read_bytes()
     assert manifest_of(outs[1])["datasets"][MAZE]["seed"] == 1
 
@@ -143,14 +149,14 @@ def test_another_seed_gives_other_files(tmp_path):
 @pytest.fixture
 def small_ogbench_size(monkeypatch):
     """OGBench's own episode count of every dataset made 2, so generating 'OGBench's size' stays fast."""
-    real = download.recipe_for_dataset
-    monkeypatch.setattr(download, "recipe_for_dataset",
+    real = datasets.recipe_for_dataset
+    monkeypatch.setattr(datasets, "recipe_for_dataset",
                         lambda name, **kw: dataclasses.replace(real(name, **kw), ogbench_episodes=2))
 
 
 def test_auto_falls_back_to_generation_when_offline_and_says_so(tmp_path, caplog, small_ogbench_size):
-    caplog.set_level(logging.INFO, logger="stages.download")
-    manifest = download.run(
+    caplog.set_level(logging.INFO, logger="stages.core.datasets")
+    manifest = run(
         params_of(tmp_path, source="auto", episodes=None), tmp_path / "out", tmp_path / "none", download=offline
     )
     assert manifest["datasets"][MAZE]["source"] == "generate"
@@ -164,7 +170,7 @@ def test_auto_with_an_episode_count_generates_without_looking_elsewhere(tmp_path
     ogbench_dir = tmp_path / "ogbench"
     FakeServer(maze_splits)([MAZE], ogbench_dir, "")
     server = FakeServer(maze_splits)
-    manifest = download.run(params_of(tmp_path, source="auto", episodes=3), tmp_path / "out", ogbench_dir,
+    manifest = run(params_of(tmp_path, source="auto", episodes=3), tmp_path / "out", ogbench_dir,
                             download=server)
     assert server.calls == []
     entry = manifest["datasets"][MAZE]
@@ -185,17 +191,17 @@ def test_the_default_downloader_is_ogbench_s_own(tmp_path, monkeypatch, caplog, 
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    download.run(params_of(tmp_path, source="auto", episodes=None), tmp_path / "out", tmp_path / "none")
-    assert requested == [f"{download.OGBENCH_URL}/{MAZE}.npz"]
+    run(params_of(tmp_path, source="auto", episodes=None), tmp_path / "out", tmp_path / "none")
+    assert requested == [f"{datasets.OGBENCH_URL}/{MAZE}.npz"]
     assert "offline, generating with OGBench's oracles instead" in caplog.text
 
 
 def test_download_source_fetches_and_validates(tmp_path, maze_splits):
     server = FakeServer(maze_splits)
-    manifest = download.run(
+    manifest = run(
         params_of(tmp_path, source="download", episodes=None), tmp_path / "out", tmp_path / "none", download=server
     )
-    assert server.calls == [([MAZE], tmp_path / "out", download.OGBENCH_URL)]
+    assert server.calls == [([MAZE], tmp_path / "out", datasets.OGBENCH_URL)]
     entry = manifest["datasets"][MAZE]
     assert entry["source"] == "download" and "seed" not in entry
     assert entry["files"][f"{MAZE}.npz"]["episodes"] == 2
@@ -209,14 +215,14 @@ def test_large_datasets_download_each_file_from_its_folder(tmp_path, maze_splits
     server = FakeServer(with_buttons)
     task = "puzzle-4x4-play-100m-singletask-task1-v0"
     out = tmp_path / "out"
-    manifest = download.run(
+    manifest = run(
         params_of(tmp_path, tasks=[task], source="download", episodes=None, shards=2),
         out,
         tmp_path / "none",
         download=server,
     )
     folder = out / "puzzle-4x4-play-100m-v0"
-    url = f"{download.OGBENCH_URL}/puzzle-4x4-play-100m-v0"
+    url = f"{datasets.OGBENCH_URL}/puzzle-4x4-play-100m-v0"
     assert server.calls == [
         (["puzzle-4x4-play-v0-000"], folder, url),
         (["puzzle-4x4-play-v0-001"], folder, url),
@@ -231,7 +237,7 @@ def test_large_datasets_download_each_file_from_its_folder(tmp_path, maze_splits
 def test_large_datasets_generate_one_file_pair_per_shard(tmp_path):
     task = "puzzle-3x3-play-100m-singletask-task1-v0"
     out = tmp_path / "out"
-    download.run(
+    run(
         params_of(tmp_path, tasks=[task], shards=2, episode_steps=10, episodes=1), out, tmp_path / "none"
     )
     folder = out / "puzzle-3x3-play-100m-v0"
@@ -251,7 +257,7 @@ def test_files_in_the_ogbench_folder_are_used_before_downloading(tmp_path, maze_
     ogbench_dir = tmp_path / "ogbench"
     FakeServer(maze_splits)([MAZE], ogbench_dir, "")
     server = FakeServer(maze_splits)
-    manifest = download.run(
+    manifest = run(
         params_of(tmp_path, source="download", episodes=None), tmp_path / "out", ogbench_dir, download=server
     )
     assert server.calls == [] and manifest["datasets"][MAZE]["source"] == "ogbench-dir"
@@ -264,25 +270,23 @@ def test_files_in_the_ogbench_folder_are_used_before_downloading(tmp_path, maze_
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_expert_datasets_offline_fail_with_what_to_do(tmp_path, monkeypatch, caplog):
+def test_expert_datasets_offline_fail_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(
         urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x"))
     )
     params = tiny_params(tmp_path, tasks=["antmaze-large-navigate-singletask-task1-v0"], source="auto",
                          episodes=None)
     out = tmp_path / "out"
-    assert (
+    with pytest.raises(datasets.DatasetUnavailable) as info:
         download.main(["--params", str(params), "--out", str(out), "--ogbench-dir", str(tmp_path / "none")])
-        == 1
-    )
-    assert "expert policies whose weights are only on the OGBench download server" in caplog.text
-    assert "machine with internet" in caplog.text and "~/.ogbench/data" in caplog.text
+    assert "expert policies whose weights are only on the OGBench download server" in str(info.value)
+    assert "machine with internet" in str(info.value) and "~/.ogbench/data" in str(info.value)
     assert list(out.iterdir()) == []
 
 
 def test_download_source_offline_is_an_error(tmp_path):
-    with pytest.raises(download.StageError, match=f"{MAZE}: download failed .*data.source: auto or generate"):
-        download.run(
+    with pytest.raises(datasets.DatasetUnavailable, match=f"{MAZE}: download failed .*data.source: auto or generate"):
+        run(
             params_of(tmp_path, source="download", episodes=None), tmp_path / "out", tmp_path / "none",
             download=offline,
         )
@@ -291,7 +295,7 @@ def test_download_source_offline_is_an_error(tmp_path):
 def test_a_corrupt_download_is_named_and_removed(tmp_path, maze_splits):
     out = tmp_path / "out"
     with pytest.raises(DatasetFileError, match=rf"{MAZE}\.npz: truncated or corrupt npz"):
-        download.run(
+        run(
             params_of(tmp_path, source="auto", episodes=None),
             out,
             tmp_path / "none",
@@ -300,21 +304,33 @@ def test_a_corrupt_download_is_named_and_removed(tmp_path, maze_splits):
     assert list(out.iterdir()) == []
 
 
-def test_invalid_params_exit_2_naming_the_key_before_any_work(tmp_path, caplog):
+def test_invalid_params_fail_naming_the_key_before_any_work(tmp_path):
     params = tiny_params(tmp_path, episodes=0)
     out = tmp_path / "out"
-    assert download.main(["--params", str(params), "--out", str(out)]) == 2
-    assert "data.episodes: Input should be greater than 0" in caplog.text
+    with pytest.raises(ParamsError, match="data.episodes: Input should be greater than 0"):
+        download.main(["--params", str(params), "--out", str(out)])
     assert not out.exists()
 
 
-def test_a_failed_run_leaves_no_manifest_and_no_stale_files(tmp_path, monkeypatch, caplog):
+def test_the_stage_fails_like_every_stage_with_one_error_line_and_exit_1(tmp_path):
+    """One exit-code policy (cli.run): exit 1 and a single `error:` line, printed once."""
+    params = tiny_params(tmp_path, episodes=0)
+    result = subprocess.run([sys.executable, "-m", "stages.download", "--params", str(params), "--out",
+                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ParamsError: ") and "data.episodes" in lines[-1]
+    assert sum("data.episodes" in line for line in lines) == 1, result.stderr
+
+
+def test_a_failed_run_leaves_no_manifest_and_no_stale_files(tmp_path, monkeypatch):
     out = tmp_path / "out"
     (out / "old-100m-v0").mkdir(parents=True)
     for stale in (
         "manifest.json",
         "cube-double-play-v0.npz",
-        f"{MAZE}.npz.tmp",
+        f".{MAZE}.npz.abc123.tmp",
         "old-100m-v0/old-v0-000.npz",
     ):
         (out / stale).write_text("from an earlier run")
@@ -322,13 +338,10 @@ def test_a_failed_run_leaves_no_manifest_and_no_stale_files(tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise GenerationError("simulated failure in the middle of generation")
 
-    monkeypatch.setattr(download, "generate_splits", broken)
+    monkeypatch.setattr(datasets, "generate_splits", broken)
     params = tiny_params(tmp_path)
-    assert (
+    with pytest.raises(GenerationError, match="simulated failure"):
         download.main(["--params", str(params), "--out", str(out), "--ogbench-dir", str(tmp_path / "none")])
-        == 1
-    )
-    assert "simulated failure" in caplog.text
     assert list(out.iterdir()) == []
 
 
@@ -338,7 +351,7 @@ def test_plan_lists_each_dataset_once_with_its_files(tmp_path):
         "pointmaze-medium-navigate-singletask-task3-v0",
         "cube-quadruple-play-100m-singletask-task1-v0",
     ]
-    plans = download.plan_datasets(params_of(tmp_path, tasks=tasks, shards=3))
+    plans = datasets.plan_datasets(tasks, shards=3)
     assert [p.dataset for p in plans] == [MAZE, "cube-quadruple-play-100m-v0"]
     assert plans[0].files == [f"{MAZE}.npz", f"{MAZE}-val.npz"]
     assert plans[1].files[-2:] == [
