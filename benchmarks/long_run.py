@@ -14,6 +14,10 @@ its workers, whichever peaked). Usage, from the workspace:
 
     cp stages/presets/puzzle_long.yaml params.yaml
     nice -n 19 .venv/bin/python benchmarks/long_run.py --by-task
+    .venv/bin/python benchmarks/long_run.py --progress      # the learning curves so far, from the checkpoints
+
+``--progress`` reads the metric history saved with each run's newest checkpoint (plain JSON inside the Orbax step
+folder: no restore, safe while the run trains) and prints every evaluation's success per agent, task and step.
 """
 
 from __future__ import annotations
@@ -72,13 +76,38 @@ def run_stage(workspace: Path, stage: str) -> dict:
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
 
 
+def progress(workspace: Path) -> dict[str, dict[int, float]]:
+    """Run (agent/task/seed) -> {step: eval success %} from the newest checkpoint of each run, and the newest step."""
+    curves: dict[str, dict[int, float]] = {}
+    for run in sorted((workspace / "data" / "checkpoints").glob("*/*/seed*/*")):
+        steps = sorted((int(p.name), p) for p in run.iterdir() if p.name.isdigit() and (p / "extras").is_dir())
+        if not steps:
+            continue
+        newest, folder = steps[-1]
+        try:
+            history = json.loads((folder / "extras" / "metadata").read_text())["history"]
+        except (OSError, ValueError, KeyError):
+            continue
+        name = "/".join(run.relative_to(workspace / "data" / "checkpoints").parts[:3])
+        curve = {int(step): float(row["eval/success"]) for step, row in history if "eval/success" in row}
+        curves[name] = {**curve, -1: float(newest)}  # -1: the newest saved step
+    return curves
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", type=Path, default=Path.cwd())
     parser.add_argument("--by-task", action="store_true", help="train and evaluate all agents of a task together")
     parser.add_argument("--only", default=None, help="regex: run only the stages whose name matches")
+    parser.add_argument("--progress", action="store_true", help="print the learning curves so far and exit")
     args = parser.parse_args(argv)
     workspace = args.workspace.resolve()
+    if args.progress:
+        for name, curve in progress(workspace).items():
+            newest = int(curve.pop(-1))
+            points = ", ".join(f"{step // 1000}k: {value:.0f}%" for step, value in sorted(curve.items()))
+            print(f"{name} (checkpoint at step {newest}): {points or 'no evaluation yet'}")
+        return 0
     env_bin = str(workspace / ".venv" / "bin")
     os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")  # the stages' python, as after activation
     names = stage_names(workspace)
