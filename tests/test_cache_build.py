@@ -92,9 +92,9 @@ def test_drift_quantiles_and_relative_drift_match_their_definitions_and_keep_mov
 
 
 def test_the_report_plots_metrics_the_drift_probe_logs():
-    from stages import report
+    from stages.core import report_content
 
     data, params = dataset(), actor()
     cached = data.replace(reversal=cache_build.rebuild(CONFIG, params, data, 8, "euler", 1, 1e-6))
     logged = jax.device_get(cache_build.drift(CONFIG, params, cached, jnp.arange(4), 1e-2))
-    assert set(report.DRIFT_METRICS) <= set(logged)
+    assert set(report_content.DRIFT_METRICS) <= set(logged)

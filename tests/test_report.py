@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from stages import layout, report
+from stages.core import study_tables
 from stages.core.ogbench_names import parse_task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,10 +140,10 @@ def test_one_seed_tables_use_the_wilson_interval_and_average_by_environment(tmp_
     puzzle = 100 * successes("rql", PUZZLE1, 0) / EPISODES
     assert envs["cube-single"]["rql"] == f"{cube:.1f}" and envs["cube-single"]["tasks"] == "2"
     assert envs["puzzle-3x3"]["rql"] == f"{puzzle:.1f}"  # one seed: no interval on the means
-    assert envs[report.OVERALL]["rql"] == f"{(cube + puzzle) / 2:.1f}" and envs[report.OVERALL]["tasks"] == "3"
+    assert envs[study_tables.OVERALL]["rql"] == f"{(cube + puzzle) / 2:.1f}" and envs[study_tables.OVERALL]["tasks"] == "3"
     assert envs["puzzle-3x3"]["paper RQL (these tasks)"] == "100"
     assert envs["puzzle-3x3"]["paper FQL (5 tasks)"] == "70"
-    assert envs["cube-single"]["paper RQL (5 tasks)"] == "-" and envs[report.OVERALL]["paper RQL (5 tasks)"] == "-"
+    assert envs["cube-single"]["paper RQL (5 tasks)"] == "-" and envs[study_tables.OVERALL]["paper RQL (5 tasks)"] == "-"
 
     assert summary["seeds"] == 1 and summary["episodes"] == EPISODES
     assert set(summary["success"]) == {"rql", "rql_cached", "bc_flow"}
@@ -180,7 +181,7 @@ def test_several_seeds_use_the_t_interval_over_seeds(tmp_path, monkeypatch):
 
     envs = table_with(tables, "paper RQL (5 tasks)")
     per_seed_overall = [np.mean([100 * successes("rql", t, s) / EPISODES for t in tasks]) for s in (0, 1)]
-    assert envs[report.OVERALL]["rql"] == t_cell(per_seed_overall)
+    assert envs[study_tables.OVERALL]["rql"] == t_cell(per_seed_overall)
     assert envs["puzzle-3x3"]["rql"] == t_cell([100 * successes("rql", PUZZLE1, s) / EPISODES for s in (0, 1)])
 
     assert summary["seeds"] == 2
@@ -193,7 +194,7 @@ def test_build_summary_from_the_eval_frame():
     rows = [{"agent": a, "task": t, "seed": s, "success": v, "ci_low": 0.0, "ci_high": 100.0, "episodes": 50}
             for a, t, s, v in [("rql", CUBE2, 0, 10.0), ("rql", CUBE2, 1, 30.0), ("rql", CUBE3, 0, 50.0),
                                ("rql", CUBE3, 1, 70.0), ("rql", PUZZLE1, 0, 90.0), ("rql", PUZZLE1, 1, 100.0)]]
-    summary = report.build_summary(pd.DataFrame(rows))
+    summary = study_tables.build_summary(pd.DataFrame(rows))
     assert summary == {
         "success": {"rql": {"overall": 67.5, "env": {"cube-single": 40.0, "puzzle-3x3": 95.0},
                             "task": {"cube-single-play-task2": 20.0, "cube-single-play-task3": 60.0,
@@ -201,7 +202,7 @@ def test_build_summary_from_the_eval_frame():
         "seeds": 2, "episodes": 50,
     }
     # stable keys: another run of the same study with other numbers has exactly the same columns
-    other = report.build_summary(pd.DataFrame(rows).assign(success=lambda d: 100 - d.success))
+    other = study_tables.build_summary(pd.DataFrame(rows).assign(success=lambda d: 100 - d.success))
 
     def keys(tree, prefix=""):
         return {k for key, value in tree.items()
