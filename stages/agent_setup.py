@@ -1,14 +1,6 @@
 """From validated params to the agent that one (agent, task) run trains: algorithm, config, reversal mode.
 
-Run names (``params.yaml``'s ``agents`` groups):
-
-- ``rql``: RQL as in the paper; every batch is reversed online through the current actor (``agent.reversal_method``).
-- ``rql_cached``: RQL whose partial actions come from the reversal cache (the dataset reversed through the BC prior,
-  stages ``prior`` and ``reverse``); the actor starts from that prior.
-- ``rql_refresh``: as ``rql_cached``, with the cache rebuilt on the device from the current actor every
-  ``train.refresh_every`` steps (``reverse.method``), so it stays close to on-policy.
-- ``fql``: action-chunked FQL (flow BC + one-step policy distilled from it) with the same critic.
-- ``bc_flow``: the same flow actor trained by flow matching alone.
+The run names and what each is: stages.agent_registry (the one table of agents).
 """
 
 from __future__ import annotations
@@ -17,10 +9,11 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from stages.core.agents import AGENTS
+from stages.agent_registry import AGENTS, ALGORITHMS
+from stages.core import agents
 from stages.params import Params, resolve_agent
 
-AGENT_NAMES = ("rql", "rql_cached", "rql_refresh", "fql", "bc_flow")
+AGENT_NAMES = tuple(AGENTS)
 
 
 @dataclass(frozen=True)
@@ -28,14 +21,14 @@ class RunSpec:
     """What one training run is: the agent's module and config, and how it gets its partial actions."""
 
     name: str
-    algorithm: str  # key of stages.core.agents.AGENTS
+    algorithm: str  # the module stages.core.agents.<algorithm>
     config: Any  # the algorithm's Config
     reversal: str  # 'online' | 'cached' | 'none' (agents without a reversal)
     refresh_every: int  # cached only: rebuild the cache from the current actor every N steps (0 = never)
 
     @property
     def module(self) -> ModuleType:
-        return AGENTS[self.algorithm]
+        return agents.load(self.algorithm)
 
     @property
     def uses_cache(self) -> bool:
@@ -47,60 +40,20 @@ class RunSpec:
         return self.uses_cache
 
 
-def _reversal(params: Params, name: str) -> tuple[str, int]:
-    """(reversal mode, refresh period) of a run: 'online', 'cached' or 'none' (agents without a reversal)."""
-    return {
-        "rql": ("online", 0),
-        "rql_cached": ("cached", 0),
-        "rql_refresh": ("cached", params.train.refresh_every),
-    }.get(name, ("none", 0))
-
-
 def run_spec(params: Params, name: str, task: str, obs_dim: int, action_dim: int) -> RunSpec:
     """The run of agent ``name`` on ``task`` (``obs_dim``/``action_dim`` from the task's dataset)."""
-    if name not in AGENT_NAMES:
+    if name not in AGENTS:
         raise ValueError(f"unknown agent {name!r}; choose from {list(AGENT_NAMES)}")
-    resolved = resolve_agent(params, task)
+    agent, resolved = AGENTS[name], resolve_agent(params, task)
     net = params.networks
-    common = {
-        "obs_dim": obs_dim,
-        "action_dim": action_dim,
-        "h": resolved.h,
-        "flow_steps": params.flow.steps,
-        "actor_hidden": tuple(net.actor),
-        "actor_layer_norm": net.actor_layer_norm,
-        "lr": resolved.lr,
-        "batch_size": resolved.batch_size,
-        "discount": resolved.discount,
-    }
-    critic = {
-        "critic_hidden": tuple(net.critic),
-        "ensemble": net.ensemble,
-        "critic_layer_norm": net.critic_layer_norm,
-        "tau": resolved.tau,
-    }
-    reversal, refresh_every = _reversal(params, name)
-    if name.startswith("rql"):
-        algorithm = "rql"
-        config = AGENTS["rql"].Config(
-            **common,
-            **critic,
-            alpha=resolved.alpha,
-            expectile=resolved.expectile,
-            rho=resolved.rho,
-            ema=resolved.ema,
-            reversal=reversal,
-            reversal_method=params.agent.reversal_method,
-            reversal_iterations=params.reverse.iterations,
-            reversal_tolerance=params.reverse.tolerance,
-        )
-    elif name == "fql":
-        algorithm = "fql"
-        config = AGENTS["fql"].Config(**common, **critic, alpha=params.fql.alpha)
-    else:
-        algorithm = "bc_flow"
-        config = AGENTS["bc_flow"].Config(**common, ema=resolved.ema)
-    return RunSpec(name=name, algorithm=algorithm, config=config, reversal=reversal, refresh_every=refresh_every)
+    config = agents.load(agent.algorithm).Config(
+        obs_dim=obs_dim, action_dim=action_dim, h=resolved.h, flow_steps=params.flow.steps,
+        actor_hidden=tuple(net.actor), actor_layer_norm=net.actor_layer_norm, lr=resolved.lr,
+        batch_size=resolved.batch_size, discount=resolved.discount, **agent.options(params, resolved, agent),
+    )  # fmt: skip
+    refresh_every = params.train.refresh_every if agent.refreshes else 0
+    return RunSpec(name=name, algorithm=agent.algorithm, config=config, reversal=agent.reversal,
+                   refresh_every=refresh_every)  # fmt: skip
 
 
 def prior_config(params: Params, task: str, obs_dim: int, action_dim: int) -> Any:
@@ -113,7 +66,7 @@ def make_policy(algorithm: str, config: Any, policy_params: Any):
     import jax
     import numpy as np
 
-    module = AGENTS[algorithm]
+    module = agents.load(algorithm)
     params = jax.device_put(policy_params)
 
     def policy(observations, key):
@@ -125,6 +78,6 @@ def make_policy(algorithm: str, config: Any, policy_params: Any):
 def config_from_metadata(metadata: dict) -> tuple[str, Any]:
     """(algorithm, Config) of a policy export's metadata (as written by the train and prior stages)."""
     algorithm = metadata.get("algorithm")
-    if algorithm not in AGENTS:
-        raise ValueError(f"policy metadata names an unknown algorithm {algorithm!r}; known: {sorted(AGENTS)}")
-    return algorithm, AGENTS[algorithm].Config(**metadata["config"])
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"policy metadata names an unknown algorithm {algorithm!r}; known: {sorted(ALGORITHMS)}")
+    return algorithm, agents.load(algorithm).Config(**metadata["config"])

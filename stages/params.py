@@ -23,10 +23,12 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from stages.agent_registry import AGENTS, groups
 from stages.core.ogbench_names import env_for_task, parse_task  # noqa: F401  (env_for_task: stages/train.py)
 from stages.core.presets import PRESET_NAMES, named_preset, preset_for_task
 
@@ -140,27 +142,26 @@ class NetworkParams(_Section):
     actor_layer_norm: Bool
 
 
-class AgentsParams(_Section):
-    """What trains on every task x seed, by pipeline stage (see stages/agent_setup.py); [] skips a group.
-
-    Each list names the runs of one train stage, so that each stage declares exactly the params it reads.
-    """
-
-    rql: Annotated[list[Literal["rql"]], AfterValidator(_unique)]
-    rql_cached: Annotated[list[Literal["rql_cached", "rql_refresh"]], AfterValidator(_unique)]
-    fql: Annotated[list[Literal["fql"]], AfterValidator(_unique)]
-    bc_flow: Annotated[list[Literal["bc_flow"]], AfterValidator(_unique)]
-
+class _AgentsGroups(_Section):
     @property
     def runs(self) -> list[str]:
         """Every run name, in the order of the groups."""
-        return [*self.rql, *self.rql_cached, *self.fql, *self.bc_flow]
+        return [name for group in type(self).model_fields for name in getattr(self, group)]
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> AgentsParams:
+    def _at_least_one(self) -> _AgentsGroups:
         if not self.runs:
             raise ValueError("no agent to train: every group is empty")
         return self
+
+
+# What trains on every task x seed, by pipeline stage: one list per group of stages.agent_registry, each holding
+# some of the group's run names ([] skips the group), so that each stage declares exactly the params it reads.
+AgentsParams = create_model(
+    "AgentsParams",
+    __base__=_AgentsGroups,
+    **{group: (Annotated[list[Literal[names]], AfterValidator(_unique)], ...) for group, names in groups().items()},
+)
 
 
 class AgentParams(_Section):
@@ -311,9 +312,9 @@ def consistency_errors(params: Params) -> list[str]:
     """`key: problem` lines for settings that are valid alone but contradict each other."""
     errors = []
     train, data = params.train, params.data
-    refreshing = "rql_refresh" in params.agents.rql_cached
+    refreshing = [name for name in params.agents.runs if AGENTS[name].refreshes]
     if refreshing and train.refresh_every == 0:
-        errors.append("train.refresh_every: the rql_refresh agent needs refresh_every > 0 (got 0)")
+        errors.append(f"train.refresh_every: the {', '.join(refreshing)} agent needs refresh_every > 0 (got 0)")
     if data.source == "download" and data.episodes is not None:
         errors.append(
             f"data.episodes: source download brings OGBench's published datasets, whose size is OGBench's; "
@@ -362,10 +363,11 @@ def consistency_errors(params: Params) -> list[str]:
 def consistency_warnings(params: Params) -> list[str]:
     """`key: note` lines for settings that no configured agent or stage reads (harmless, but likely a slip)."""
     notes = []
-    if params.train.refresh_every > 0 and "rql_refresh" not in params.agents.rql_cached:
+    if params.train.refresh_every > 0 and not any(AGENTS[name].refreshes for name in params.agents.runs):
+        refreshers = ", ".join(name for name, agent in AGENTS.items() if agent.refreshes)
         notes.append(
             f"train.refresh_every={params.train.refresh_every} is not used: no configured agent refreshes its "
-            f"cache (only rql_refresh does)"
+            f"cache (only {refreshers} does)"
         )
     return notes
 

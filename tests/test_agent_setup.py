@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,3 +61,27 @@ def test_a_policy_export_metadata_rebuilds_the_config(params):
     assert config_from_metadata(metadata) == ("fql", spec.config)
     with pytest.raises(ValueError, match="unknown algorithm 'sac'"):
         config_from_metadata({"algorithm": "sac", "config": {}})
+
+
+def test_every_group_of_the_agent_table_has_its_params_list_and_its_two_stages():
+    """stages/agent_registry.py is the one table: params.yaml's agents and dvc.yaml's stages follow it."""
+    from stages.agent_registry import AGENTS, groups
+
+    root = Path(__file__).resolve().parent.parent
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    default = yaml.safe_load((root / "params.yaml").read_text())["agents"]
+    assert set(default) == set(groups())
+    for group, names in groups().items():
+        for stage in (f"train_{group}", f"evaluate_{group}"):
+            assert stages[stage]["matrix"]["agent"] == f"${{agents.{group}}}", stage
+        assert set(default[group]) <= set(names)
+    assert {name for names in groups().values() for name in names} == set(AGENTS) == set(AGENT_NAMES)
+
+
+def test_a_run_name_outside_its_group_is_refused_naming_the_allowed_ones(params):
+    from stages.params import ParamsError
+
+    raw = params.model_dump(mode="json")
+    raw["agents"]["fql"] = ["rql"]
+    with pytest.raises(ParamsError, match=r"agents\.fql\[0\]: Input should be 'fql'"):
+        validate_params(raw)

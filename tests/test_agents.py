@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stages.core import batches
-from stages.core.agents import AGENTS, bc_flow, common, fql, rql
+from stages.core import agents, batches
+from stages.core.agents import bc_flow, common, fql, rql
 
 OBS_DIM, ACTION_DIM = 3, 2
 TINY = {"actor_hidden": (32, 32), "batch_size": 32}
@@ -34,7 +34,7 @@ def _config(name, **overrides):
     if name != "bc_flow":
         kw["critic_hidden"] = (32, 32)
     kw.update(overrides)
-    return AGENTS[name].Config(**kw)
+    return agents.load(name).Config(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def data():
 @pytest.mark.parametrize("h, ensemble", [(1, 1), (5, 10)])
 def test_shapes_and_dtypes(data, name, h, ensemble):
     """Traced abstractly (no compile): init, one update and sampling have the documented shapes and dtypes."""
-    agent = AGENTS[name]
+    agent = agents.load(name)
     config = _config(name, h=h, **({} if name == "bc_flow" else {"ensemble": ensemble}))
     state = jax.eval_shape(lambda key: agent.init(config, key), jax.random.PRNGKey(0))
     if name != "bc_flow":
@@ -294,3 +294,15 @@ def test_dataset_and_observation_mismatches_raise(data):
         bc_flow.sample_actions(config, state.ema_actor, jnp.zeros((2, OBS_DIM + 1)), jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="q_agg"):
         fql.Config(obs_dim=1, action_dim=1, q_agg="max")
+
+
+def test_every_registered_algorithm_loads_with_the_agent_interface():
+    from stages.agent_registry import ALGORITHMS
+
+    for name in ALGORITHMS:
+        module = agents.load(name)
+        for attribute in ("Config", "TrainState", "init", "make_update", "policy_params", "sample_actions"):
+            assert hasattr(module, attribute), (name, attribute)
+    for bad in ("common", "../params", "", None):
+        with pytest.raises(ValueError, match="not an agent module name"):
+            agents.load(bad)

@@ -69,7 +69,7 @@ def make_study(root: Path, tasks: list[str], seeds: list[int], agents: dict[str,
                 (run / "summary.json").parent.mkdir(parents=True, exist_ok=True)
                 (run / "summary.json").write_text(json.dumps({
                     "agent": agent, "task": task, "seed": seed, "steps": steps, "platform": "cpu",
-                    "reversal": "cache" if cached else "online", "refresh_every": 0, "resumed_from": 0,
+                    "reversal": {"rql": "online", "rql_cached": "cached"}.get(agent, "none"), "refresh_every": 0, "resumed_from": 0,
                     "wall_time_s": 12.0, "steps_per_second": steps / 12.0, "cache": cache,
                 }))
                 metrics = run / "live" / "plots" / "metrics"
@@ -147,6 +147,10 @@ def test_one_seed_tables_use_the_wilson_interval_and_average_by_environment(tmp_
 
     assert summary["seeds"] == 1 and summary["episodes"] == EPISODES
     assert set(summary["success"]) == {"rql", "rql_cached", "bc_flow"}
+
+    # The reversal table: the agents whose train summary says they reverse their flow, and how.
+    reversal = [row for row in next(t for t in tables if t and "reversal" in t[0]) if row["task"] == CUBE2]
+    assert {row["agent"]: row["reversal"] for row in reversal} == {"rql": "online", "rql_cached": "cached"}
     rql = summary["success"]["rql"]
     assert rql["task"] == {parse_task(t).key: 100 * successes("rql", t, 0) / EPISODES for t in tasks}
     assert set(rql["task"]) == {"cube-single-play-task2", "cube-single-play-task3", "puzzle-3x3-play-task1"}

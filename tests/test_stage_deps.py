@@ -69,6 +69,17 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
+def loads_its_modules(path: Path) -> bool:
+    """A package ``__init__`` that imports its modules by name (``LOADS_ITS_MODULES = True`` at its top level, as
+    stages.core.agents does): importing the package counts as importing every module in it."""
+    if path.name != "__init__.py":
+        return False
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "LOADS_ITS_MODULES" for t in node.targets):
+            return isinstance(node.value, ast.Constant) and node.value.value is True
+    return False
+
+
 def _with_parents(module: str) -> list[str]:
     parts = module.split(".")
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
@@ -89,6 +100,8 @@ def import_closure(module: str) -> set[Path]:
                 continue
             files.add(path)
             todo.extend(imported_modules(path))
+            if loads_its_modules(path):
+                todo.extend(f"{part}.{module.stem}" for module in sorted(path.parent.glob("*.py")))
     return files
 
 
@@ -125,6 +138,14 @@ def test_stage_code_deps_are_its_import_closure(name, module, deps):
         f"dvc.yaml stage {name} ({module}): deps missing {missing} (imported, so editing them must rerun the "
         f"stage); deps not imported {extra}"
     )
+
+
+def test_a_package_that_loads_its_modules_by_name_imports_all_of_them():
+    """stages.core.agents loads an agent by its name from the registry: every agent module is in the closure of a
+    stage that imports the package (the prior stage uses only bc_flow statically)."""
+    names = {str(p.relative_to(ROOT)) for p in import_closure("stages.evaluate")}
+    agents = {str(p.relative_to(ROOT)) for p in (ROOT / "stages" / "core" / "agents").glob("*.py")}
+    assert agents <= names and len(agents) >= 4
 
 
 def test_closure_follows_function_level_imports_and_packages():

@@ -16,17 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from stages.core import flows
-from stages.core.agents.common import make_actor
+from stages.core.agents.common import velocity_fn
 from stages.core.batches import DeviceDataset, chunks_at
-
-
-def _velocity(config, actor_params):
-    actor = make_actor(config)
-
-    def velocity(observations, x, t):
-        return actor.apply({"params": actor_params}, observations, x, t)
-
-    return velocity
 
 
 @partial(jax.jit, static_argnames=("config", "method", "iterations", "tolerance"))
@@ -37,7 +28,7 @@ def reverse_rows(config, actor_params, data: DeviceDataset, rows: jax.Array, met
     The round-trip error is max |sampler(x_0) - chunk| per row (sampler without its final clip): how well the
     cached x_0 still maps onto the dataset chunk through this actor.
     """
-    velocity = _velocity(config, actor_params)
+    velocity = velocity_fn(config, actor_params)
     batch = chunks_at(data, rows, config.h, 1.0)
     s, chunk = batch["observations"], batch["actions"]
     trajectory, info = flows.reverse_trajectory(velocity, s, chunk, config.flow_steps, method, iterations, tolerance)
@@ -84,7 +75,7 @@ def rebuild(config, actor_params, data: DeviceDataset, batch_size: int, method: 
     n = data.size
     blocks = -(-n // batch_size)
     rows = jnp.minimum(jnp.arange(blocks * batch_size, dtype=jnp.int32), n - 1).reshape(blocks, batch_size)
-    velocity = _velocity(config, actor_params)
+    velocity = velocity_fn(config, actor_params)
 
     def one(block):
         batch = chunks_at(data, block, config.h, 1.0)
@@ -113,7 +104,7 @@ def drift(config, actor_params, data: DeviceDataset, rows: jax.Array, tolerance:
     - ``cache_drift_mean``, ``cache_drift_max``: mean and max of the per-row drift;
     - ``cache_stale_fraction``: the share of rows farther than ``tolerance`` (kept for continuity; it saturates).
     """
-    velocity = _velocity(config, actor_params)
+    velocity = velocity_fn(config, actor_params)
     batch = chunks_at(data, rows, config.h, 1.0)
     x0 = data.reversal[rows, 0]
     chunk = batch["actions"]

@@ -18,6 +18,7 @@ from stages.core.ogbench_names import split_task
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
 TABLES = {"rql": "rql_paper_per_task.csv", "fql": "fql_per_task.csv"}
+PAPER_AGENTS = tuple(TABLES)  # the agents (run names) with published numbers
 ENV_MEANS = "baselines_env_means.csv"
 ENV_MEAN_METHODS = {"rql": "RQL", "fql": "FQL"}  # agent -> its row in ENV_MEANS
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from stages.core import figures
-from stages.core.paper_numbers import paper_success
+from stages.core.paper_numbers import PAPER_AGENTS, paper_success
 from stages.core.report_page import Figure, Section
 from stages.core.study_results import Results
 from stages.core.study_tables import (
-    PAPER_AGENTS,
     cache_summaries,
     environment_table,
     interval_note,

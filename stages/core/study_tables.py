@@ -15,11 +15,9 @@ import numpy as np
 import pandas as pd
 
 from stages.core.ogbench_names import environment, parse_task
-from stages.core.paper_numbers import paper_env_mean, paper_success
+from stages.core.paper_numbers import PAPER_AGENTS, paper_env_mean, paper_success
 from stages.core.stats import seed_interval
 
-PAPER_AGENTS = ("rql", "fql")  # agents with published numbers (stages.core.paper_numbers)
-REVERSAL_AGENTS = ("rql", "rql_cached", "rql_refresh")  # agents whose reversal the report describes
 OVERALL = "all environments"  # the label of the overall row of the environment table
 
 
@@ -153,8 +151,9 @@ def build_summary(evals: pd.DataFrame) -> dict:
 
 
 def reversal_table(evals: pd.DataFrame, summaries: pd.DataFrame) -> pd.DataFrame:
-    """Per reversing agent and task: how it reverses, its success, its training time and speed."""
-    chosen = summaries[summaries.agent.isin(REVERSAL_AGENTS)]
+    """Per agent that reverses its flow (its train summary's reversal: online or cached) and task: how it
+    reverses, its success, its training time and speed."""
+    chosen = summaries[summaries.reversal != "none"]
     rows = []
     for (agent, task), group in chosen.groupby(["agent", "task"], sort=True):
         success = evals[(evals.agent == agent) & (evals.task == task)]["success"]

@@ -29,7 +29,6 @@ import optax
 from stages.core import flows
 from stages.core.agents import common
 from stages.core.batches import action_loss_mask, sample_chunks
-from stages.core.networks import VelocityField
 
 Q_AGGREGATIONS = ("mean", "min")
 
@@ -66,15 +65,11 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
 
 
-def _onestep_def(config: Config) -> VelocityField:
-    return VelocityField(config.actor_hidden, config.chunk_dim, config.actor_layer_norm)
-
-
 @partial(jax.jit, static_argnums=0)
 def init(config: Config, key: jax.Array) -> TrainState:
     k_actor, k_onestep, k_critic, k_rng = jax.random.split(key, 4)
     actor = common.init_velocity(common.make_actor(config), config, k_actor)
-    onestep = common.init_velocity(_onestep_def(config), config, k_onestep, with_time=False)
+    onestep = common.init_velocity(common.make_actor(config), config, k_onestep, with_time=False)
     critic = common.init_velocity(common.make_critic(config), config, k_critic, with_time=False)
     tx = optax.adam(config.lr)
     return TrainState(
@@ -98,7 +93,7 @@ def td_target(config: Config, onestep_actor: dict, target_critic: dict, batch: d
     """y = reward_sum + gamma^h * bootstrap_mask * agg_e Qbar_e(s', clip(mu(s', next_noise), -1, 1)), shape (B,)."""
     s_next = batch["next_observations"]
     next_actions = jnp.clip(
-        _onestep_def(config).apply({"params": onestep_actor}, s_next, next_noise), -1.0, 1.0
+        common.make_actor(config).apply({"params": onestep_actor}, s_next, next_noise), -1.0, 1.0
     )
     next_qs = common.make_critic(config).apply({"params": target_critic}, s_next, next_actions)
     next_q = next_qs.mean(axis=0) if config.q_agg == "mean" else next_qs.min(axis=0)
@@ -108,7 +103,7 @@ def td_target(config: Config, onestep_actor: dict, target_critic: dict, batch: d
 def make_step(config: Config):
     actor_def, onestep_def, critic_def = (
         common.make_actor(config),
-        _onestep_def(config),
+        common.make_actor(config),
         common.make_critic(config),
     )
     tx = optax.adam(config.lr)
@@ -199,7 +194,7 @@ def make_update(config: Config, num_updates: int = 1):
 @partial(jax.jit, static_argnums=0)
 def _sample(config: Config, params, observations, key):
     z = jax.random.normal(key, (observations.shape[0], config.chunk_dim), jnp.float32)
-    chunks = jnp.clip(_onestep_def(config).apply({"params": params}, observations, z), -1.0, 1.0)
+    chunks = jnp.clip(common.make_actor(config).apply({"params": params}, observations, z), -1.0, 1.0)
     return chunks.reshape(observations.shape[0], config.h, config.action_dim)
 
 
