@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+CHECKPOINTS_ENV = "RQL_CHECKPOINTS"  # stages.layout.CHECKPOINTS_ENV (not imported: no stage code in the coordinator)
+
 STATUS_STYLE = {"pending": "dim", "queued": "cyan", "running": "yellow", "ran": "green", "restored": "green",
                 "failed": "bold red", "skipped": "red"}
 
@@ -125,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                         "'origin' if there is one, else this workspace's path)")
     parser.add_argument("--clones", help="folder of each node's clones (default: .dvc/tmp/cluster-clones here "
                         "without --address, else ~/.cache/rql-cluster/<name>)")
+    parser.add_argument("--checkpoints", default=os.environ.get(CHECKPOINTS_ENV) or None,
+                        help="training checkpoints in a folder every node reaches (absolute), so a train task "
+                        "retried on another node resumes instead of starting over (default: $RQL_CHECKPOINTS; "
+                        "without --address data/checkpoints here, which every local clone reaches; a node's own "
+                        "RQL_CHECKPOINTS wins)")
     parser.add_argument("--logs", default=".dvc/tmp/cluster-logs", help="one log per stage (default: %(default)s)")
     parser.add_argument("--no-live", action="store_true", help="transitions only, no live table")
     args = parser.parse_args(argv)
@@ -145,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     clones = args.clones or (str(workspace / ".dvc" / "tmp" / "cluster-clones") if not args.address
                              else f"~/.cache/rql-cluster/{workspace.name}")
     logs = (workspace / args.logs).resolve()
+    checkpoints = args.checkpoints or (str(workspace / "data" / "checkpoints") if not args.address else None)
+    if checkpoints and not Path(os.path.expanduser(checkpoints)).is_absolute():
+        raise SystemExit(f"error: --checkpoints {checkpoints}: not an absolute path (a folder every node reaches)")
     logs.mkdir(parents=True, exist_ok=True)
 
     from stages.cluster.dag import load_dag
@@ -175,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         display = Display(len(dag.order), live=not args.no_live)
         display.console.print(f"{len(dag.order)} stages at {commit[:10]} (from {git_url}) on {len(nodes)} node(s)"
                               f"{' with GPUs' if has_gpus else ''}; logs in {logs}", highlight=False)
-        spec = {"commit": commit, "git_url": git_url, "clones": clones}
+        if not checkpoints:
+            display.console.print("no --checkpoints (or RQL_CHECKPOINTS) folder shared by the nodes: a train task "
+                                  "retried on another node starts over from step 0", highlight=False)
+        spec = {"commit": commit, "git_url": git_url, "clones": clones, "checkpoints": checkpoints}
         scheduler = Scheduler(dag, spec, resources, params.cluster.retries, logs, display)
         started = time.perf_counter()
         try:

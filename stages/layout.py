@@ -5,16 +5,21 @@
     data/priors/<task>/policy.msgpack, prior.json                       prior
     data/reversed/<task>/part-*.parquet, manifest.json                  reverse
     data/runs/<agent>/<task>/seed<k>/policy.msgpack, summary.json, live/ train (live/: dvclive metrics and plots)
-    data/checkpoints/<agent>/<task>/seed<k>/<fingerprint>/              train (Orbax, resumable, not a DVC output)
+    data/checkpoints/<agent>/<task>/seed<k>/<fingerprint>/              train (Orbax, resumable, not a DVC output;
+                                                                        $RQL_CHECKPOINTS instead of data/checkpoints)
     data/evals/<agent>/<task>/seed<k>.json, seed<k>/rollout.gif         evaluate (the folder is empty without video)
     reports/index.html, index.md, figures/                              report
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DATA = Path("data")
+# A folder every node of a cluster reaches (a shared mount), so that a train task retried on another node resumes
+# from the newest checkpoint instead of step 0. Absolute: stages run in clones that are reset between tasks.
+CHECKPOINTS_ENV = "RQL_CHECKPOINTS"
 DATASETS = DATA / "datasets"
 RESOLVED_PARAMS = DATA / "params.json"
 REPORTS = Path("reports")
@@ -32,8 +37,22 @@ def run_dir(agent: str, task: str, seed: int) -> Path:
     return DATA / "runs" / agent / task / f"seed{seed}"
 
 
+def checkpoints_dir() -> Path:
+    """``$RQL_CHECKPOINTS`` when set (an absolute local or mounted path), else ``data/checkpoints``."""
+    shared = os.environ.get(CHECKPOINTS_ENV, "")
+    if not shared:
+        return DATA / "checkpoints"
+    if not Path(shared).is_absolute():
+        raise ValueError(f"{CHECKPOINTS_ENV}={shared!r} is not an absolute path (a folder every node reaches)")
+    return Path(shared)
+
+
+def shared_checkpoints() -> bool:
+    return bool(os.environ.get(CHECKPOINTS_ENV))
+
+
 def checkpoint_root(agent: str, task: str, seed: int) -> Path:
-    return DATA / "checkpoints" / agent / task / f"seed{seed}"
+    return checkpoints_dir() / agent / task / f"seed{seed}"
 
 
 def eval_json(agent: str, task: str, seed: int) -> Path:

@@ -5,7 +5,9 @@
 Orbax checkpoints go to ``data/checkpoints/<agent>/<task>/seed<k>/<fingerprint>/`` (not a DVC output, so DVC never
 deletes them): rerunning an interrupted stage resumes from the newest intact one and ends with the same parameters
 and the same learning curves as an uninterrupted run (the metric history is saved with each checkpoint). The
-fingerprint covers everything the run depends on, so changed params start afresh.
+fingerprint covers everything the run depends on, so changed params start afresh. ``RQL_CHECKPOINTS`` (an absolute
+path every node of a cluster reaches) replaces ``data/checkpoints``, so a run retried on another node resumes too;
+there, other fingerprints are left alone (they may be other studies' runs in progress).
 
 Outputs: the stage first removes its previous outputs (``policy.msgpack``, ``summary.json``, ``live/``), so a failed
 or killed run never leaves an old file beside a new one. ``live/`` (dvclive: ``metrics.json``,
@@ -125,7 +127,8 @@ def main(argv: list[str]) -> None:
                 "schedule": dataclasses.asdict(schedule), "inputs": inputs, "checkpoint_format": CHECKPOINT_FORMAT}
     run_key = fingerprint(identity)
     root = layout.checkpoint_root(args.agent, args.task, args.seed)
-    for stale in root.glob("*") if root.exists() else []:
+    # A shared location ($RQL_CHECKPOINTS) may hold the runs of other studies in progress: only data/ is pruned.
+    for stale in root.glob("*") if root.exists() and not layout.shared_checkpoints() else []:
         if stale.name != run_key:
             log.info("removing checkpoints of other settings: %s", stale)
             shutil.rmtree(stale)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from stages.cluster.dag import GPU_KINDS, Dag, kind
 from stages.cluster.worker import run_stage
@@ -74,7 +75,9 @@ class Scheduler:
         self.logs, self.display = logs, display
         self.states = {name: StageState() for name in dag.order}
         self.accepted: dict[str, dict[str, Any]] = {}
-        self.board = Board.remote()
+        # On the coordinator's node: it lives as long as the coordinator, whichever worker nodes are lost.
+        here = ray.get_runtime_context().get_node_id()
+        self.board = Board.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
     def _submit(self, name: str) -> ray.ObjectRef:
         need = self.resources[name]
@@ -148,6 +151,7 @@ def write_summary(path: Path, states: dict[str, StageState], attempts: dict[str,
     stages = {}
     for name, state in states.items():
         stages[name] = {"status": state.status, "node": state.node, "attempts": len(attempts.get(name, [])),
+                        "attempt_nodes": [attempt["node"] for attempt in attempts.get(name, [])],
                         "seconds": round(state.finished - state.started, 3) if state.finished else None,
                         "times": {k: round(v, 3) for k, v in state.result.get("times", {}).items()},
                         "error": state.error, "log": state.log,

@@ -17,6 +17,9 @@ The pushes (and a batched pull of the upstream outputs before the repro) go thro
 process, which Ray keeps between tasks: the same operations as the commands without an interpreter start and
 DVC's imports each time. ``dvc repro`` itself is a child process (it runs the stage's command).
 
+Training checkpoints go to ``RQL_CHECKPOINTS`` (the node's own, else the coordinator's ``--checkpoints``): a folder
+every node reaches, so a train task retried after its process or node died resumes from the newest checkpoint.
+
 Stage failures are returned as results (they are not retried: the same commit fails the same way); the task's
 process dying (killed, node lost) is what Ray retries. Needs only the standard library and PyYAML.
 """
@@ -38,6 +41,8 @@ from typing import Any
 import yaml
 
 CLONES_ENV = "RQL_CLUSTER_CLONES"  # a node's clone pool, overriding the coordinator's --clones
+CHECKPOINTS_ENV = "RQL_CHECKPOINTS"  # training checkpoints every node reaches (stages/layout.py), overriding the
+# coordinator's --checkpoints
 KEPT = ("/.dvc/", "/.venv/", "/.tools/")  # what `git clean` leaves in a clone
 MAX_CLONES = 256
 RAN_RE = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
@@ -223,7 +228,12 @@ def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
         log.write(f"# {stage} on {node} (pid {os.getpid()}) in {clone}, commit {spec['commit']}\n")
         if board is not None:
             board.started.remote(stage, node, os.getpid(), started)
-        env = _environment(spec.get("env", {}))
+        extra = dict(spec.get("env", {}))
+        if spec.get("checkpoints") and not os.environ.get(CHECKPOINTS_ENV):
+            extra[CHECKPOINTS_ENV] = os.path.expanduser(spec["checkpoints"])
+        env = _environment(extra)
+        where = env.get(CHECKPOINTS_ENV) or "data/checkpoints of the clone (a retry starts over)"
+        log.write(f"# training checkpoints: {where}\n")
         times = result["times"]
         try:
             clock = time.perf_counter()
