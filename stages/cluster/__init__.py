@@ -3,8 +3,8 @@
 ``python -m stages.cluster_repro`` (the coordinator, ``stages/cluster_repro.py``) turns every stage of the DAG into
 a Ray task as soon as its upstream stages are done. A task (``worker.run_stage``) runs on any node, in a clone of
 the repository of its own: it resets the clone to the coordinator's commit, writes the accepted ``dvc.lock``
-entries of the stage's upstream stages, runs ``dvc repro --pull <stage>``, pushes the stage's outputs and then its
-run-cache entry. At the end the coordinator runs ``dvc repro --pull`` in the user's workspace, which restores every
+entries of the stage's upstream stages, pulls their outputs and the remote's run-cache entries of its own stage,
+runs ``dvc repro <stage>``, pushes the stage's outputs and then its run-cache entry. At the end the coordinator runs ``dvc repro --pull`` in the user's workspace, which restores every
 stage from the run-cache without running any.
 
 This package imports neither JAX nor the pipeline's stage modules: the worker side needs only the standard library,

@@ -9,7 +9,9 @@ never share a clone and a killed task's clone is free again at once), then:
 2. ``dvc.lock`` := the accepted lock entries of the stage's upstream stages (handed over by the coordinator), so the
    upstream stages are "unchanged" and their data is pulled, never recomputed, and a stage that ran twice upstream
    cannot make this one pick the other run's outputs;
-3. ``dvc repro --pull <stage>``: the task fails if any stage other than its own ran;
+3. the remote's run-cache entries of the stage's own key fetched (and the stage restored from one of them if it
+   is there), then ``dvc repro <stage>``: the task fails if any stage other than its own ran (``dvc repro --pull``
+   would fetch every entry of the remote in every task);
 4. ``dvc push <stage>`` (the data first), then ``dvc push --run-cache`` with the local run-cache pruned to the
    stage's own entry, so each push uploads one entry instead of all the entries the pull brought.
 
@@ -211,6 +213,35 @@ def pull_upstream(repo: Any, names: list[str]) -> str:
     return f"{fetched} fetched"
 
 
+def restore_own_run(repo: Any, name: str) -> str:
+    """Fetch the remote's run-cache entries of this stage's key only and, when one is there, restore the stage from
+    it (its outputs pulled and checked out). ``dvc repro --pull`` instead fetches every entry of the remote in every
+    task (the run-cache traffic of a study grew with the square of its stages); without ``--pull``, ``dvc repro``
+    then finds the entry locally ("is cached - skipping run") or runs the stage."""
+    from dvc import fs
+    from dvc.stage.cache import RunCacheNotFoundError, _can_hash, _get_stage_hash
+
+    (stage,) = repo.stage.collect(name)
+    if not _can_hash(stage):
+        return "the stage has no run-cache key"
+    stage.save_deps()  # the key is over the command, the deps' hashes and the params
+    key = _get_stage_hash(stage)
+    remote = repo.cloud.get_remote_odb(None, "fetch --run-cache", hash_name="md5-dos2unix")
+    source = remote.fs.join(remote.path, "runs", key[:2], key)
+    entries = list(remote.fs.find(source)) if remote.fs.exists(source) else []
+    local = repo.stage_cache._get_cache_dir(key)
+    for entry in entries:
+        fs.generic.copy(remote.fs, entry, repo.cache.legacy.fs, os.path.join(local, remote.fs.name(entry)))
+    if not entries:
+        return f"no run-cache entry for key {key[:12]} on the remote"
+    try:
+        with repo.lock:  # as dvc repro holds it (the checkout asserts it)
+            repo.stage_cache.restore(stage, pull=True)
+    except RunCacheNotFoundError:
+        return f"{len(entries)} run-cache entries for key {key[:12]}, none restorable (data missing on the remote?)"
+    return f"restored from one of {len(entries)} run-cache entries for key {key[:12]}"
+
+
 def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
     """The worker step for ``spec['stage']``; a result dict (status ran | restored | failed, log, lock entry, times)."""
     stage = spec["stage"]
@@ -248,7 +279,12 @@ def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
             times["pull"] = time.perf_counter() - clock
 
             clock = time.perf_counter()
-            output = _run(_dvc("repro", "--pull", stage), clone, log, env, "dvc repro --pull")
+            _in_process(clone, log, f"dvc fetch --run-cache of {stage}'s key alone",
+                        lambda repo: restore_own_run(repo, stage))
+            times["restore"] = time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            output = _run(_dvc("repro", stage), clone, log, env, "dvc repro")
             times["repro"] = time.perf_counter() - clock
             ran = RAN_RE.findall(output)
             others = sorted(set(ran) - {stage})
