@@ -29,8 +29,10 @@ from pydantic import (
 )
 
 from stages.agent_registry import AGENTS, groups
+from stages.core import bounds
 from stages.core.ogbench_names import env_for_task, parse_task  # noqa: F401  (env_for_task: stages/train.py)
 from stages.core.presets import PRESET_NAMES, named_preset, preset_for_task
+from stages.core.schedule import schedule_problems
 
 
 class ParamsError(ValueError):
@@ -63,7 +65,6 @@ def _float(**bounds: Any) -> Any:
 PositiveInt = _int(gt=0)
 NonNegativeInt = _int(ge=0)
 PositiveFloat = _float(gt=0)
-Fraction = _float(gt=0, lt=1)
 Bool = Annotated[bool, Strict()]
 
 
@@ -131,13 +132,13 @@ class DataParams(_Section):
 
 
 class FlowParams(_Section):
-    steps: PositiveInt
+    steps: _int(**bounds.COUNT.field())
 
 
 class NetworkParams(_Section):
     actor: LayerSizes
     critic: LayerSizes
-    ensemble: PositiveInt
+    ensemble: _int(**bounds.COUNT.field())
     critic_layer_norm: Bool
     actor_layer_norm: Bool
 
@@ -166,20 +167,21 @@ AgentsParams = create_model(
 
 class AgentParams(_Section):
     preset: Annotated[str, Strict(), AfterValidator(_check_preset_name)]
-    alpha: PositiveFloat | None
-    expectile: Fraction | None
-    rho: _float(ge=0) | None
-    h: PositiveInt | None
-    discount: Fraction | None
-    lr: PositiveFloat
-    batch_size: PositiveInt
-    tau: _float(gt=0, le=1)
-    ema: _float(ge=0, lt=1)
+    # Bounds shared with the agent configs (stages.core.bounds); null: the task's preset value
+    alpha: _float(**bounds.BC_WEIGHT.field()) | None
+    expectile: _float(**bounds.EXPECTILE.field()) | None
+    rho: _float(**bounds.PESSIMISM.field()) | None
+    h: _int(**bounds.COUNT.field()) | None
+    discount: _float(**bounds.DISCOUNT.field()) | None
+    lr: _float(**bounds.LEARNING_RATE.field())
+    batch_size: _int(**bounds.BATCH_SIZE.field())
+    tau: _float(**bounds.TARGET_RATE.field())
+    ema: _float(**bounds.EMA.field())
     reversal_method: Literal["euler", "exact"]  # RQL's online reversal of each batch
 
 
 class FqlParams(_Section):
-    alpha: PositiveFloat
+    alpha: _float(**bounds.BC_WEIGHT.field())
 
 
 class PriorParams(_Section):
@@ -188,8 +190,8 @@ class PriorParams(_Section):
 
 class ReverseParams(_Section):
     method: Literal["exact", "euler"]
-    iterations: PositiveInt
-    tolerance: PositiveFloat
+    iterations: _int(**bounds.COUNT.field())
+    tolerance: _float(**bounds.TOLERANCE.field())
     batch_size: PositiveInt
     shard_rows: PositiveInt
 
@@ -308,6 +310,26 @@ def resolve_agent(params: Params, task: str) -> ResolvedAgent:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+_TRAIN_KEYS = {"total_steps": "steps", "swap_every": "dataset_swap_every"}  # Schedule field -> train.<key>
+
+
+def _schedule_errors(params: Params, refresh_every: int) -> list[str]:
+    """The schedules the train and prior stages build from these params, checked by the schedule's own rules
+    (stages.core.training_loop.schedule_problems), reported under params.yaml's keys."""
+    train = params.train
+    names = {"updates_per_call": "train.updates_per_call", "refresh_every": "train.refresh_every"}
+    runs = {name: getattr(train, _TRAIN_KEYS.get(name, name)) for name in
+            ("total_steps", "log_every", "checkpoint_every", "eval_every", "swap_every")}  # fmt: skip
+    runs.update(updates_per_call=train.updates_per_call, refresh_every=refresh_every)
+    prior = {"total_steps": params.prior.steps, "updates_per_call": train.updates_per_call,
+             "log_every": params.prior.steps, "checkpoint_every": params.prior.steps}  # fmt: skip
+    errors = [f"train.{_TRAIN_KEYS.get(name, name)}: {problem.format(**names)} (got {runs[name]})"
+              for name, problem in schedule_problems(runs)]  # fmt: skip
+    errors += [f"prior.steps: {problem.format(**names)} (got {params.prior.steps})"
+               for name, problem in dict(schedule_problems(prior)).items() if name == "total_steps"]  # fmt: skip
+    return errors
+
+
 def consistency_errors(params: Params) -> list[str]:
     """`key: problem` lines for settings that are valid alone but contradict each other."""
     errors = []
@@ -315,29 +337,13 @@ def consistency_errors(params: Params) -> list[str]:
     refreshing = [name for name in params.agents.runs if AGENTS[name].refreshes]
     if refreshing and train.refresh_every == 0:
         errors.append(f"train.refresh_every: the {', '.join(refreshing)} agent needs refresh_every > 0 (got 0)")
+    errors += _schedule_errors(params, refresh_every=train.refresh_every if refreshing else 0)
     if data.source == "download" and data.episodes is not None:
         errors.append(
             f"data.episodes: source download brings OGBench's published datasets, whose size is OGBench's; "
             f"got episodes={data.episodes} (set episodes: null to download, or source: auto/generate to generate "
             f"{data.episodes} episodes)"
         )
-    if refreshing and train.refresh_every and train.checkpoint_every % train.refresh_every:
-        errors.append(
-            f"train.checkpoint_every: must be a multiple of train.refresh_every={train.refresh_every} so that a "
-            f"resumed run rebuilds the same cache (got {train.checkpoint_every})"
-        )
-    if params.prior.steps % train.updates_per_call:
-        errors.append(
-            f"prior.steps: must be a multiple of train.updates_per_call={train.updates_per_call} "
-            f"(got {params.prior.steps})"
-        )
-    for key in ("steps", "log_every", "checkpoint_every", "eval_every", "refresh_every", "dataset_swap_every"):
-        value = getattr(train, key)
-        if value % train.updates_per_call:
-            errors.append(
-                f"train.{key}: must be a multiple of train.updates_per_call={train.updates_per_call} "
-                f"(updates run in fused calls of that many steps; got {value})"
-            )
     if params.evaluate.workers > params.evaluate.envs:
         errors.append(
             f"evaluate.workers: more env worker processes than environments "

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
+
+from stages.core.schedule import Schedule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,41 +52,6 @@ class MetricHistory:
     def upto(self, step: int) -> MetricHistory:
         """The rows logged at or before ``step``."""
         return MetricHistory([row for row in self.rows if row[0] <= step])
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """When things happen, in update steps. Every period is a multiple of ``updates_per_call`` (0 = never)."""
-
-    total_steps: int
-    updates_per_call: int
-    log_every: int
-    checkpoint_every: int
-    eval_every: int = 0
-    refresh_every: int = 0
-    swap_every: int = 0
-
-    def __post_init__(self) -> None:
-        if self.total_steps < 1 or self.updates_per_call < 1:
-            raise ValueError(f"total_steps and updates_per_call must be >= 1, got {self}")
-        for name in ("total_steps", "log_every", "checkpoint_every", "eval_every", "refresh_every", "swap_every"):
-            value = getattr(self, name)
-            if value < 0 or value % self.updates_per_call:
-                raise ValueError(
-                    f"{name}={value} must be a non-negative multiple of updates_per_call={self.updates_per_call}"
-                )
-        if self.log_every < 1 or self.checkpoint_every < 1:
-            raise ValueError(f"log_every and checkpoint_every must be >= 1, got {self}")
-        if self.refresh_every and self.checkpoint_every % self.refresh_every:
-            # A resumed run rebuilds the cache from the restored actor, which is only the actor the uninterrupted
-            # run refreshed from if every checkpoint falls on a refresh boundary.
-            raise ValueError(
-                f"checkpoint_every={self.checkpoint_every} must be a multiple of refresh_every={self.refresh_every}"
-            )
-
-    @staticmethod
-    def due(step: int, every: int) -> bool:
-        return every > 0 and step % every == 0
 
 
 class Checkpointer(Protocol):

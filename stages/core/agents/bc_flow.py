@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stages.core import bounds
 from stages.core.agents import common
 from stages.core.batches import action_loss_mask, sample_chunks
 
@@ -28,8 +29,7 @@ class Config(common.FlowConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.ema <= 1.0:
-            raise ValueError(f"ema must be in [0, 1], got {self.ema}")
+        bounds.EMA.check("ema", self.ema)
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stages.core import flows
+from stages.core import bounds, flows
 from stages.core.batches import DeviceDataset
 from stages.core.networks import CriticEnsemble, VelocityField
 
@@ -46,11 +46,11 @@ class FlowConfig:
         object.__setattr__(self, "actor_hidden", _positive_int_tuple("actor_hidden", self.actor_hidden))
         _check(self.obs_dim >= 1, f"obs_dim must be >= 1, got {self.obs_dim}")
         _check(self.action_dim >= 1, f"action_dim must be >= 1, got {self.action_dim}")
-        _check(self.h >= 1, f"h (chunk length) must be >= 1, got {self.h}")
-        _check(self.flow_steps >= 1, f"flow_steps must be >= 1, got {self.flow_steps}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
-        _check(0.0 < self.discount <= 1.0, f"discount must be in (0, 1], got {self.discount}")
+        bounds.COUNT.check("h (chunk length)", self.h)
+        bounds.COUNT.check("flow_steps", self.flow_steps)
+        bounds.LEARNING_RATE.check("lr", self.lr)
+        bounds.BATCH_SIZE.check("batch_size", self.batch_size)
+        bounds.DISCOUNT.check("discount", self.discount)
 
     @property
     def chunk_dim(self) -> int:
@@ -61,8 +61,8 @@ class FlowConfig:
 def check_critic_fields(config) -> None:
     """Validate (and normalise) critic_hidden, ensemble and tau of a config that has a critic."""
     object.__setattr__(config, "critic_hidden", _positive_int_tuple("critic_hidden", config.critic_hidden))
-    _check(config.ensemble >= 1, f"ensemble must be >= 1, got {config.ensemble}")
-    _check(0.0 <= config.tau <= 1.0, f"tau must be in [0, 1], got {config.tau}")
+    bounds.COUNT.check("ensemble", config.ensemble)
+    bounds.TARGET_RATE.check("tau", config.tau)
 
 
 def make_actor(config: FlowConfig) -> VelocityField:

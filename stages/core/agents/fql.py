@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stages.core import flows
+from stages.core import bounds, flows
 from stages.core.agents import common
 from stages.core.batches import action_loss_mask, sample_chunks
 
@@ -50,8 +50,7 @@ class Config(common.FlowConfig):
         common.check_critic_fields(self)
         if self.q_agg not in Q_AGGREGATIONS:
             raise ValueError(f"q_agg must be one of {Q_AGGREGATIONS}, got {self.q_agg!r}")
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        bounds.BC_WEIGHT.check("alpha", self.alpha)
 
 
 class TrainState(flax.struct.PyTreeNode):

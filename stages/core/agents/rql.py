@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stages.core import flows
+from stages.core import bounds, flows
 from stages.core.agents import common
 from stages.core.batches import DeviceDataset, action_loss_mask, sample_chunks
 
@@ -62,16 +62,12 @@ class Config(common.FlowConfig):
             raise ValueError(
                 f"reversal_method must be one of {flows.REVERSAL_METHODS}, got {self.reversal_method!r}"
             )
-        if self.reversal_iterations < 1:
-            raise ValueError(f"reversal_iterations must be >= 1, got {self.reversal_iterations}")
-        if not self.reversal_tolerance >= 0:
-            raise ValueError(f"reversal_tolerance must be >= 0, got {self.reversal_tolerance}")
-        if not 0.0 <= self.expectile <= 1.0:
-            raise ValueError(f"expectile must be in [0, 1], got {self.expectile}")
-        if not 0.0 <= self.ema <= 1.0:
-            raise ValueError(f"ema must be in [0, 1], got {self.ema}")
-        if self.alpha < 0 or self.rho < 0:
-            raise ValueError(f"alpha and rho must be >= 0, got alpha={self.alpha}, rho={self.rho}")
+        bounds.COUNT.check("reversal_iterations", self.reversal_iterations)
+        bounds.TOLERANCE.check("reversal_tolerance", self.reversal_tolerance)
+        bounds.EXPECTILE.check("expectile", self.expectile)
+        bounds.EMA.check("ema", self.ema)
+        bounds.BC_WEIGHT.check("alpha", self.alpha)
+        bounds.PESSIMISM.check("rho", self.rho)
 
 
 class TrainState(flax.struct.PyTreeNode):
