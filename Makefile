@@ -17,7 +17,7 @@ SYNC_FLAGS := --frozen --compile-bytecode --python $(PYTHON) $(if $(EXTRAS),--ex
 export MUJOCO_GL ?= egl
 export UV_PROJECT_ENVIRONMENT := .venv
 
-.PHONY: setup repro cluster-repro test test-all bench
+.PHONY: setup repro cluster-repro test test-all
 
 $(UV):
 	$(PYTHON) -m venv .tools

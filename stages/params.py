@@ -8,7 +8,6 @@ task's per-environment preset (`stages.core.presets`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,9 +267,6 @@ class ResolvedAgent:
     tau: float
     ema: float
     sparse: bool  # effective data.sparse for this task
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def resolve_sparse(params: Params, task: str) -> bool:

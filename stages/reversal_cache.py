@@ -63,7 +63,9 @@ def roundtrip_summary(errors: np.ndarray, method: str, bins: int = 30) -> dict:
     errors = np.asarray(errors, dtype=np.float64)
     floor = 1e-9
     clipped = np.clip(errors, floor, None)
-    edges = np.logspace(np.log10(clipped.min()), np.log10(max(clipped.max(), clipped.min() * 10)), bins + 1)
+    low, high = clipped.min(), max(clipped.max(), clipped.min() * 10)
+    edges = np.logspace(np.log10(low), np.log10(high), bins + 1)
+    edges[0], edges[-1] = low, high  # exactly: 10 ** log10(x) can miss x, dropping the smallest or largest row
     counts, _ = np.histogram(clipped, bins=edges)
     return {"method": method, "rows": int(errors.size), "median": float(np.median(errors)),
             "p99": float(np.quantile(errors, 0.99)), "max": float(errors.max()),
@@ -75,7 +77,8 @@ def drift_probe(config, data, rows: int, tolerance: float) -> Callable[[Any, Any
 
     The metrics are those of :func:`stages.core.cache_build.drift` (``cache_drift_median``, ``cache_drift_p90``,
     ``cache_drift_rel``, ``cache_drift_mean``, ``cache_drift_max``, ``cache_stale_fraction``); ``tolerance`` only
-    sets the last one. The report plots the median, p90 and relative drift (``stages.report.DRIFT_METRICS``).
+    sets the last one. The report plots the median, p90 and relative drift
+    (``stages.core.report_content.DRIFT_METRICS``).
     """
     picked = jnp.asarray(np.random.default_rng(0).choice(data.size, size=min(rows, data.size), replace=False))
 

@@ -71,5 +71,5 @@ def dataset_fingerprint(task: str, dataset_dir: Path = layout.DATASETS) -> str:
     if manifest.is_file():
         entry = json.loads(manifest.read_text()).get("datasets", {}).get(dataset_for_task(task), {})
         recorded = {name: info.get("sha256") for name, info in entry.get("files", {}).items()}
-    digests = [recorded.get(path.name) or sha256_file(path) for path in files]
+    digests = [recorded.get(path.relative_to(dataset_dir).as_posix()) or sha256_file(path) for path in files]
     return hashlib.sha256("\n".join(digests).encode()).hexdigest() if len(files) > 1 else digests[0]

@@ -250,3 +250,33 @@ def test_a_rerun_replaces_the_figures_and_leaves_other_files_alone(tmp_path, mon
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == ["figures", "index.html", "index.md", "notes.txt",
                                                       "summary.json"]
+
+
+def test_one_walk_reads_each_runs_evaluation_summary_and_curves_ending_with_the_final_success(tmp_path):
+    from stages.core import study_results
+
+    make_study(tmp_path, [CUBE2], [0, 1], {"rql": ["rql"], "bc_flow": ["bc_flow"]})
+    runs = [study_results.Run(agent, CUBE2, seed, tmp_path / layout.eval_json(agent, CUBE2, seed),
+                              tmp_path / layout.run_dir(agent, CUBE2, seed))
+            for agent in ("rql", "bc_flow") for seed in (0, 1)]  # fmt: skip
+    results = study_results.collect(runs)
+    assert list(zip(results.evals.agent, results.evals.seed)) == [("rql", 0), ("rql", 1), ("bc_flow", 0),
+                                                                  ("bc_flow", 1)]  # fmt: skip
+    assert list(results.summaries.reversal) == ["online", "online", "none", "none"]
+    success = results.curves[(results.curves.metric == "eval/success") & (results.curves.agent == "rql")
+                             & (results.curves.seed == 1)]  # fmt: skip
+    steps = yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["steps"]
+    # the logged 99.0 at the last step is replaced by the final evaluation's success
+    assert list(success.step) == [2500, steps] and success.value.iloc[-1] == 100 * successes("rql", CUBE2, 1) / 20
+    (tmp_path / layout.run_dir("bc_flow", CUBE2, 1) / "summary.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"bc_flow/.*seed1/summary.json: missing; rerun its training"):
+        study_results.collect(runs)
+
+
+def test_environment_and_overall_means_weigh_each_environment_the_same():
+    rows = [{"agent": "rql", "task": task, "seed": 0, "success": value, "ci_low": 0.0, "ci_high": 100.0,
+             "episodes": 10} for task, value in ((CUBE2, 10.0), (CUBE3, 30.0), (PUZZLE1, 80.0))]  # fmt: skip
+    stats = study_tables.aggregate_stats(pd.DataFrame(rows)).set_index("environment")
+    assert stats.loc["cube-single", "mean"] == 20.0 and stats.loc["puzzle-3x3", "mean"] == 80.0
+    assert stats.loc[study_tables.OVERALL, "mean"] == 50.0  # (20 + 80) / 2, not the mean over three tasks
+    assert stats.loc[study_tables.OVERALL, "tasks"] == 3 and math.isnan(stats.loc["cube-single", "low"])

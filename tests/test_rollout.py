@@ -10,25 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import gymnasium
-import imageio.v3 as iio
 import jax
 import numpy as np
 import ogbench  # noqa: F401  (registers the OGBench envs with gymnasium)
 import pytest
 
-from stages.core.fast_env import (
-    ManipStepper,
-    PlainStepper,
-    Step,
-    clip,
-    clone_env,
-    make_stepper,
-    quat_apply,
-    quat_from_z,
-    quat_mul,
-    yaw_of,
-)
 from stages.core.ogbench_names import resolve_env_id
 from stages.core.rollout import (
     Evaluator,
@@ -38,111 +24,7 @@ from stages.core.rollout import (
     pipeline_groups,
     wilson_interval,
 )
-from stages.core.video import write_gif
-
-TASK = "cube-single-play-singletask-task2-v0"
-ENV_ID = "cube-single-singletask-task2-v0"
-CENTER = np.array([0.425, 0.0, 0.0])
-TARGET = np.array([0.50, 0.0, 0.02])  # task2's goal cube position
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# A scripted policy that solves cube-single from the state observation (OGBench's Markov cube oracle, phases 1-6,
-# reading effector/gripper/cube state from the observation instead of the privileged info dict).
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _shortest_yaw(eff_yaw: float, obj_yaw: float) -> float:
-    symmetries = obj_yaw + np.arange(-4, 5) * np.pi / 2
-    return float(symmetries[np.argmin(np.abs(eff_yaw - symmetries))])
-
-
-def _toward(diff: np.ndarray, min_norm: float = 0.4) -> np.ndarray:
-    norm = np.linalg.norm(diff)
-    return diff if norm >= min_norm else diff / (norm + 1e-6) * min_norm
-
-
-def oracle_action(ob: np.ndarray) -> np.ndarray:
-    """One oracle action from a cube-single state observation (28 dims)."""
-    eff = ob[12:15] / 10 + CENTER
-    eff_yaw = float(np.arctan2(ob[16], ob[15]))
-    block = ob[19:22] / 10 + CENTER
-    block_yaw = _shortest_yaw(eff_yaw, float(np.arctan2(ob[27], ob[26])))
-    target_yaw = _shortest_yaw(eff_yaw, 0.0)
-    lift = np.array([0.0, 0.0, 0.18])
-    closed, above = ob[18] > 0.5, eff[2] > 0.16
-    if np.linalg.norm(block[:2] - eff[:2]) > 0.04:
-        goal, yaw, grip = block + lift, block_yaw - eff_yaw, -1.0
-    elif np.linalg.norm(block - eff) > 0.02:
-        goal, yaw, grip = block, block_yaw - eff_yaw, -1.0
-    elif not closed:
-        goal, yaw, grip = block, block_yaw - eff_yaw, 1.0
-    elif np.linalg.norm(TARGET[:2] - block[:2]) > 0.04:
-        goal = TARGET + lift if above else np.array([block[0], block[1], 0.36])
-        yaw, grip = target_yaw - block_yaw, 1.0
-    else:
-        goal, yaw, grip = TARGET, target_yaw - block_yaw, 1.0
-    action = np.zeros(5)
-    action[:3] = _toward(goal - eff) * 5
-    action[3], action[4] = yaw * 3, grip
-    return np.clip(action, -1, 1)
-
-
-def oracle_chunk(ob: np.ndarray, h: int) -> np.ndarray:
-    """A chunk of h actions: the oracle action, fading out along the chunk (so every position matters)."""
-    return oracle_action(ob)[None, :] * np.linspace(1.0, 0.6, h)[:, None]
-
-
-class OraclePolicy:
-    """Batched oracle chunks; counts its calls. With ``noise`` it adds per-row noise drawn from row keys."""
-
-    def __init__(self, h: int, noise: float = 0.0):
-        self.h, self.noise, self.calls = h, noise, 0
-        self._normal = jax.jit(jax.vmap(lambda k: jax.random.normal(k, (h, 5))))
-
-    def __call__(self, observations: np.ndarray, key) -> np.ndarray:
-        self.calls += 1
-        chunks = np.stack([oracle_chunk(ob.astype(np.float64), self.h) for ob in observations])
-        if self.noise:
-            chunks = chunks + self.noise * np.asarray(self._normal(key))
-        return chunks.astype(np.float32)
-
-
-def sequential_rollout(env, chunk_fn, seed: int, episodes: int, limit: int) -> list[tuple[bool, float, int]]:
-    """The plain way: one episode at a time, chunks executed open-loop. Returns (success, return, length) each."""
-    out = []
-    for j in range(episodes):
-        s = episode_seed(seed, j)
-        env.unwrapped.action_space.seed(s)
-        obs, _ = env.reset(seed=s)
-        ret, length, done, success = 0.0, 0, False, False
-        while not done:
-            for action in np.clip(chunk_fn(obs.astype(np.float32).astype(np.float64)), -1, 1):
-                obs, reward, terminated, truncated, info = env.step(action)
-                ret, length, success = ret + reward, length + 1, bool(info["success"])
-                done = terminated or truncated or length >= limit
-                if done:
-                    break
-        out.append((success, ret, length))
-    return out
-
-
-def outcomes(result) -> list[tuple[bool, float, int]]:
-    return [(e.success, e.episode_return, e.length) for e in result.episodes]
-
-
-@pytest.fixture(scope="module")
-def local():
-    with Evaluator(TASK, num_envs=2, workers=1) as evaluator:
-        yield evaluator
-
-
-@pytest.fixture(scope="module")
-def plain_env():
-    env = gymnasium.make(ENV_ID)
-    yield env
-    env.close()
-
+from tests.cube_oracle import ENV_ID, TASK, OraclePolicy, oracle_chunk, outcomes, sequential_rollout
 
 # --------------------------------------------------------------------------------------------------------------------
 # Episodes, success accounting, chunks
@@ -226,109 +108,6 @@ def test_actions_are_clipped(local):
     assert outcomes(big) == outcomes(ones)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Fast env stepping: bitwise the plain gymnasium env
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def assert_same_step(plain: Step, fast: Step, where: str) -> None:
-    """Observation bytes (signed zeros included), dtype, reward type and value, flags and success all identical."""
-    assert plain.observation.dtype == fast.observation.dtype and plain.observation.shape == fast.observation.shape
-    assert plain.observation.tobytes() == fast.observation.tobytes(), f"{where}: observations differ"
-    assert type(plain.reward) is type(fast.reward) and plain.reward == fast.reward, f"{where}: rewards differ"
-    assert plain[2:] == fast[2:], f"{where}: (terminated, truncated, success) {plain[2:]} != {fast[2:]}"
-
-
-def side_by_side(plain: PlainStepper, fast: ManipStepper, seed: int, act) -> list[Step]:
-    """One whole episode of both steppers on the same actions ``act(observation)``; returns the plain steps."""
-    obs_plain, obs_fast = plain.reset(seed), fast.reset(seed)
-    assert obs_plain.tobytes() == obs_fast.tobytes()
-    steps = []
-    while not steps or not (steps[-1].terminated or steps[-1].truncated):
-        action = act(steps[-1].observation if steps else obs_plain)
-        a, b = plain.step(action), fast.step(action)
-        assert_same_step(a, b, f"seed {seed}, step {len(steps) + 1}")
-        steps.append(a)
-    return steps
-
-
-def test_fast_cube_steps_are_bitwise_the_gymnasium_env(plain_env):
-    # the fast stepper runs a clone of the plain env (as the Evaluator's extra envs are): both must match it
-    clone = clone_env(plain_env)
-    assert clone.unwrapped._model is not plain_env.unwrapped._model
-    assert clone.unwrapped._ik._data is not plain_env.unwrapped._ik._data
-    fast = make_stepper(clone)
-    assert isinstance(fast, ManipStepper) and fast.time_limit == 200
-    plain = PlainStepper(plain_env)
-    with pytest.raises(RuntimeError, match="before reset"):
-        fast.step(np.zeros(5))
-    # the oracle solves the task: terminated with success, reward 0 on the success step (-1 before it)
-    for seed in (0, 1):
-        steps = side_by_side(plain, fast, seed, lambda ob: oracle_action(ob.astype(np.float64)))
-        assert steps[-1].terminated and steps[-1].success and not steps[-1].truncated and len(steps) < 100
-        assert [s.reward for s in steps] == [-1.0] * (len(steps) - 1) + [0.0]
-    # random float32 actions (out-of-range ones included: the controller clips them) until the time limit
-    rng = np.random.default_rng(0)
-    steps = side_by_side(plain, fast, 2, lambda ob: rng.uniform(-1.5, 1.5, 5).astype(np.float32))
-    assert len(steps) == 200 and steps[-1].truncated and not any(s.terminated or s.success for s in steps)
-
-
-def button_presser(env, period: int = 40):
-    """Actions that press the buttons of a scene/puzzle env in turn (reads button positions from the env)."""
-    u, count = env.unwrapped, [0]
-
-    def act(_ob):
-        button = (count[0] // period) % len(u._button_site_ids)
-        count[0] += 1
-        eff = u._data.site_xpos[u._pinch_site_id]
-        top = u._data.site_xpos[u._button_site_ids[button]]
-        goal = top + (0.0, 0.0, 0.06) if np.linalg.norm((top - eff)[:2]) > 0.01 else top - (0.0, 0.0, 0.05)
-        return np.array([*np.clip((goal - eff) / 0.05, -1, 1), 0.0, 1.0])
-
-    return act
-
-
-@pytest.mark.parametrize("env_id", ["puzzle-3x3-singletask-task2-v0", "scene-singletask-task2-v0"])
-def test_fast_button_env_steps_are_bitwise_the_gymnasium_env(env_id):
-    # One env, two passes: the plain env records 160 steps of button pressing, then the fast stepper replays them
-    # from the same reset. Button presses go through post_step's comparison with the pre-step button positions.
-    env = gymnasium.make(env_id)
-    plain, fast = PlainStepper(env), make_stepper(env)
-    assert isinstance(fast, ManipStepper) and fast.kind == env_id.split("-")[0]
-    act = button_presser(env)
-    first = plain.reset(5)
-    recorded, states = [], []
-    for _ in range(160):
-        action = act(None)
-        recorded.append((action, plain.step(action)))
-        states.append(tuple(env.unwrapped._cur_button_states))
-    assert fast.reset(5).tobytes() == first.tobytes()
-    replayed = []
-    for k, (action, expected) in enumerate(recorded):
-        assert_same_step(expected, fast.step(action), f"{env_id} step {k + 1}")
-        replayed.append(tuple(env.unwrapped._cur_button_states))
-    assert replayed == states and len(set(states)) >= 3, "buttons should have been pressed"
-    assert len({step.reward for _, step in recorded}) >= 2
-    env.close()
-
-
-def test_scalar_helpers_match_ogbench_lie_bitwise():
-    from ogbench.manipspace.lie import SO3
-
-    rng = np.random.default_rng(0)
-    thetas = [0.0, -0.0, 1e-12, -3e-6, np.pi, -np.pi, *rng.uniform(-4, 4, 200)]
-    for theta in thetas:
-        assert np.array(quat_from_z(float(theta))).tobytes() == SO3.from_z_radians(np.float64(theta)).wxyz.tobytes()
-    for _ in range(200):
-        a, b = SO3(rng.normal(size=4)), SO3(rng.normal(size=4))
-        v = rng.normal(size=3)
-        assert np.array(quat_mul(a.wxyz.tolist(), b.wxyz.tolist())).tobytes() == (a @ b).wxyz.tobytes()
-        assert np.array(quat_apply(a.wxyz.tolist(), v.tolist())).tobytes() == (a @ v).tobytes()
-        assert np.float64(yaw_of(a.wxyz.tolist())).tobytes() == np.float64(a.compute_yaw_radians()).tobytes()
-    for x in [-0.0, 0.0, 0.5, 1.0, -2.0, 3.0, float("nan")]:
-        assert np.float64(clip(x, 0.0, 1.0)).tobytes() == np.clip(np.array([x]), 0, 1)[0].tobytes()
-
-
 def test_call_keys_are_fold_ins_of_the_call_index_across_blocks():
     base = jax.random.fold_in(jax.random.PRNGKey(9), 0x5EED)
     keys = _Keys(9, "call", 4)
@@ -348,19 +127,6 @@ def test_warm_up_calls_the_policy_once_on_zeros_first(local):
     assert len(seen) == result.summary.policy_calls + 1 == 3
     assert not seen[0].any() and seen[1].any()
     assert result.summary.warm_up_time_s > 0 and 0 < result.summary.policy_time_s < result.summary.wall_time_s
-
-
-def test_other_envs_are_stepped_plainly():
-    env = gymnasium.make("CartPole-v1")
-    stepper = make_stepper(env)
-    assert isinstance(stepper, PlainStepper) and not stepper.fast
-    stepper.reset(0)
-    assert isinstance(stepper.step(0), Step)
-    with pytest.raises(ValueError, match="needs a state-based OGBench cube, scene or puzzle env"):
-        ManipStepper(env)
-    with pytest.raises(ValueError, match="copies OGBench cube/scene/puzzle envs"):
-        clone_env(env)
-    assert isinstance(make_stepper(gymnasium.make(ENV_ID), fast=False), PlainStepper)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -427,41 +193,6 @@ def test_wilson_interval_and_seeds():
         wilson_interval(3, 2)
     seeds = [episode_seed(0, j) for j in range(100)] + [episode_seed(1, j) for j in range(100)]
     assert len(set(seeds)) == 200 and episode_seed(0, 7) == episode_seed(0, 7)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Video
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def test_video_frames_and_gif(local, tmp_path):
-    result = local.run(OraclePolicy(h=5), episodes=2, max_episode_steps=10, video_episodes=1, frame_skip=4)
-    assert set(result.videos) == {0}
-    frames = result.videos[0]
-    assert frames.shape == (4, 200, 200, 3) and frames.dtype == np.uint8  # reset, steps 4 and 8, last step 10
-    assert not np.array_equal(frames[0], frames[-1]), "the arm moves between the first and last frame"
-    assert local._backend.local.envs[0].unwrapped._model.vis.quality.shadowsize == 1024  # cheaper shadow map
-    path = write_gif(tmp_path / "sub" / "rollout.gif", frames, fps=10)
-    back = iio.imread(path, index=None)
-    assert back.shape[:3] == (4, 200, 200)
-    assert [p.name for p in path.parent.iterdir()] == ["rollout.gif"]  # no temporary file left behind
-    with pytest.raises(ValueError, match="no frames"):
-        write_gif(tmp_path / "empty.gif", [])
-
-
-def test_video_frames_without_shadows_turn_off_every_lights_shadow_and_keep_the_same_episode(local):
-    """shadow_size=0 (the evaluate stage's GIF): no light casts a shadow, frames differ, the episode is the same."""
-    with Evaluator(TASK, num_envs=1, workers=1, shadow_size=0) as shadowless:
-        plain = shadowless.run(OraclePolicy(h=5), episodes=1, max_episode_steps=10, video_episodes=1, frame_skip=4)
-        model = shadowless._backend.local.envs[0].unwrapped._model
-        assert model.nlight > 0 and not model.light_castshadow.any()
-    shadowed = local.run(OraclePolicy(h=5), episodes=1, max_episode_steps=10, video_episodes=1, frame_skip=4)
-    assert local._backend.local.envs[0].unwrapped._model.light_castshadow.any()
-    assert plain.videos[0].shape == shadowed.videos[0].shape
-    assert not np.array_equal(plain.videos[0], shadowed.videos[0]), "the shadow of the arm is gone"
-    assert plain.to_dict()["episodes"] == shadowed.to_dict()["episodes"]  # rendering changes no step of the episode
-    with pytest.raises(ValueError, match="shadow_size"):
-        Evaluator(TASK, num_envs=1, workers=1, shadow_size=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------

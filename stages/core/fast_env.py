@@ -177,7 +177,7 @@ def _mjcf_objects(value: Any, found: dict, depth: int = 0) -> None:
 
 
 def clone_env(env):
-    """A copy of an OGBench manipulation env made by ``gymnasium.make``, in ~0.2 s instead of ~1.3 s.
+    """A copy of an OGBench manipulation env made by ``gymnasium.make``, in a fraction of the time of making one.
 
     Making one builds the MJCF tree with dm_control and compiles two MuJoCo models from XML; a clone deep-copies
     the compiled ``MjModel``/``MjData`` (its own, so per-env colour and damping changes stay per env) and everything
@@ -438,7 +438,7 @@ class _IKViews:
 
 def _lapack_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``np.linalg.solve(a, b)`` for a square float64 ``a`` and vector ``b``: the same LAPACK gufunc, called directly
-    (np.linalg.solve spends most of its ~9 us in argument checks and an errstate context).
+    (np.linalg.solve spends most of its time at this size in argument checks and an errstate context).
 
     A singular ``a`` gives non-finite values (or a FloatingPointError under ``np.errstate(invalid='raise')``);
     then np.linalg.solve itself is called, raising its LinAlgError as OGBench's controller would.

@@ -172,13 +172,3 @@ def roundtrip_histogram(histograms: dict[str, dict]) -> Figure:
     return figure
 
 
-def bar_table(values: pd.DataFrame, x: str, y: str, ylabel: str) -> Figure:
-    """A plain bar chart of ``y`` per ``x`` (e.g. steps/s per agent or reversal mode)."""
-    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(values)), 3.0))
-    order = list(values[x])
-    axis.bar(range(len(values)), values[y], color=[color_for(str(n), order) for n in order])
-    axis.set_xticks(range(len(values)), order, fontsize=8, rotation=10)
-    axis.set_ylabel(ylabel)
-    axis.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    return figure

@@ -10,8 +10,8 @@ singletask relabelling (each episode's last raw row is dropped and becomes the p
 observations f32 (N, obs_dim), actions f32 (N, act_dim), rewards f32 (N,), masks f32 (N,) = 1 - task success,
 terminals f32 (N,) = 1.0 on each episode's last transition, next_observations f32 (N, obs_dim).
 
-Large datasets (`*-100m-v0`) are folders of 1M-transition files `<stem>-NNN.npz` / `<stem>-NNN-val.npz`;
-`iter_training_files` streams them one file at a time.
+Large datasets (`*-100m-v0`) are folders of 1M-transition files `<stem>-NNN.npz` / `<stem>-NNN-val.npz`; training loads them one file at a time
+(`load_training_data` per file).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tokenize
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -391,12 +391,3 @@ def load_training_data(
         "next_observations": raw["next_observations"],
     }
     return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in data.items()}
-
-
-def iter_training_files(
-    paths: Iterable[str | Path], env_name: str, *, sparse: bool, env: Any = None
-) -> Iterator[dict[str, np.ndarray]]:
-    """Training data file by file (for large datasets): only one file's arrays are alive at a time."""
-    env = env if env is not None else make_task_env(env_name)
-    for path in paths:
-        yield load_training_data(path, env_name, sparse=sparse, env=env)

@@ -189,11 +189,6 @@ def load_policy(
     return decode_policy(data, source=str(path), template=template, expected_metadata=expected_metadata)
 
 
-def read_policy_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The metadata dict of a policy file (the whole file is validated)."""
-    return load_policy(path).metadata
-
-
 def _parse_policy(data: bytes, source: str) -> tuple[dict[tuple[str, ...], np.ndarray], dict[str, Any]]:
     def fail(problem: str) -> PolicyFileError:
         return PolicyFileError(f"policy file {source}: {problem}")

@@ -24,21 +24,21 @@ recompiles. Actions are clipped to [-1, 1].
 An episode's success is ``info['success']`` at its last step (OGBench single-task envs end an episode on success or
 at the time limit); its return is the sum of rewards and its length the number of env steps.
 
-Where the time goes (cube-single, 2-core CPU)
----------------------------------------------
+Where the time goes (the figures: README, "Benchmarks"; benchmarks/evaluation_speed.py, evaluate_stage.py)
+-------------------------------------------------------------------------------------------------------------
 * Env steps: OGBench manipulation envs are stepped by :class:`stages.core.fast_env.ManipStepper`, bitwise the same
-  observations, rewards, flags and successes as ``gymnasium.make(env_id)``, ~1.0 ms a step instead of ~1.4 ms, of
-  which ~0.72 ms is MuJoCo (25 physics substeps) and ~0.15 ms OGBench's end-effector controller (its IK).
-* Start-up: worker processes are fresh interpreters (~1 s of imports, ~1.3 s for their first env); the other envs of
-  a process are clones of its first (~0.2 s each, :func:`stages.core.fast_env.clone_env`). Workers are only waited
-  for at the first command, so ``run(..., warm_up=True)`` compiles a jitted policy meanwhile.
+  observations, rewards, flags and successes as ``gymnasium.make(env_id)`` without its wrappers and info dicts;
+  most of a step is MuJoCo's physics substeps, then OGBench's end-effector controller (its IK).
+* Start-up: worker processes are fresh interpreters (imports, then their first env); the other envs of a process
+  are clones of its first (:func:`stages.core.fast_env.clone_env`, much cheaper than making one). Workers are only
+  waited for at the first command, so ``run(..., warm_up=True)`` compiles a jitted policy meanwhile.
 * Policy: one batched call per chunk; with ``pipeline=True`` half of the envs step while the policy computes the
   other half's chunks (JAX's asynchronous dispatch), which hides its compute time behind env steps.
-* Videos: a frame costs ~0.16 s of CPU with software EGL (llvmpipe) even with the cheaper shadow map used here, so
-  the frames of a rendered episode cost more than its steps (OGBench's arm meshes: ~185k triangles, drawn for the
-  shadow map and the image); ``video_processes`` replays such episodes elsewhere so they do not stall the others.
-* Every interpreter started pays its imports (~0.3 s with bytecode caches, ~1.5 s without: a venv without .pyc
-  files under PYTHONDONTWRITEBYTECODE=1) and its first env (~1.3 s), so on two cores an extra process costs CPU.
+* Videos: with software EGL (llvmpipe) a frame costs more CPU than the env steps it shows (OGBench's arm meshes are
+  drawn for the image and, with shadows, for the shadow map); ``video_processes`` replays such episodes elsewhere
+  so they do not stall the others.
+* Every interpreter started pays its imports (far more without bytecode caches, e.g. under
+  PYTHONDONTWRITEBYTECODE=1) and its first env, so on two cores an extra process costs CPU.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _make_env(env_id: str, render_size: tuple[int, int], env_kwargs: dict):
 
 def _make_envs(env_id: str, count: int, render_size: tuple[int, int], env_kwargs: dict) -> list:
     """``count`` envs: the first made by gymnasium, the others cloned from it when it is an OGBench manipulation env
-    (:func:`stages.core.fast_env.clone_env`: ~0.2 s instead of ~1.3 s each), else made too."""
+    (:func:`stages.core.fast_env.clone_env`, much cheaper than making one), else made too."""
     from stages.core.fast_env import clone_env
 
     first = _make_env(env_id, render_size, env_kwargs)
@@ -749,7 +749,7 @@ class Evaluator:
             constructor returns at once; which process steps an env does not change results.
         video_processes: render video episodes in this many more worker processes (0: in the env that runs
             them), which replay each once it has ended from its reset seed and executed actions, every process
-            rendering its share of the frames (the same frames): rendering (~0.1 s of CPU a frame) then overlaps
+            rendering its share of the frames (the same frames): rendering then overlaps
             the other episodes instead of holding up every env at each chunk. The replay is checked against
             the episode (return, length, success, last observation).
         render_size: (width, height) of rendered video frames.
@@ -759,7 +759,7 @@ class Evaluator:
             affected.
         env_kwargs: extra keyword arguments for ``gymnasium.make``.
         fast_env: step OGBench manipulation envs with :class:`stages.core.fast_env.ManipStepper` (bitwise the same
-            outputs, ~30% less time per step); False steps the gymnasium env itself.
+            outputs in less time per step); False steps the gymnasium env itself.
 
     Use as a context manager, or call :meth:`close`.
     """

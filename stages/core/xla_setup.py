@@ -8,8 +8,8 @@ XLA_FLAGS, to any value, is left alone.
   state; without the finer analysis XLA copies parameter-sized loop buffers at every update (six 10 MB copies
   per update at the paper's critic size) because it cannot prove that the Polyak blend and the forward passes read
   the old parameters before Adam overwrites them. Results are bit-identical (the default pipeline's policies
-  come out byte for byte the same); the paper-size RQL update takes ~212 instead of ~235 ms here
-  (benchmarks/update_speed.py), the default sizes are unchanged.
+  come out byte for byte the same); the paper-size RQL update gets faster, the default sizes do not change
+  (benchmarks/update_speed.py; the figures: README, "Benchmarks").
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def apply(environ=os.environ) -> str:
         if environ is not os.environ:
             return environ["XLA_FLAGS"]
         # flags set after the backend exists do nothing: say so. Only look if JAX is already imported (importing
-        # it here would cost a stage ~1-2 s before it can start its worker processes).
+        # it here would delay every stage before it can start its worker processes).
         xla_bridge = sys.modules.get("jax._src.xla_bridge")
         started = getattr(xla_bridge, "backends_are_initialized", None)
         if started is not None and started():
