@@ -81,7 +81,9 @@ class Scheduler:
 
     def _submit(self, name: str) -> ray.ObjectRef:
         need = self.resources[name]
-        spec = dict(self.base_spec, stage=name, upstream={up: self.accepted[up] for up in self.dag.ancestors(name)},
+        # The direct upstream stages only: the task runs `dvc repro --single-item`, which checks nothing further up,
+        # so a task's pull and dvc.lock stay as small as the stage's own deps however deep the DAG.
+        spec = dict(self.base_spec, stage=name, upstream={up: self.accepted[up] for up in self.dag.upstream[name]},
                     env={**self.base_spec.get("env", {}), **need.env})
         task = ray.remote(run_stage).options(num_cpus=need.cpus, num_gpus=need.gpus, max_retries=self.retries,
                                              retry_exceptions=False, name=f"stage:{name}")

@@ -6,12 +6,13 @@ never share a clone and a killed task's clone is free again at once), then:
 
 1. reset: ``git fetch``, ``git checkout --force <commit>``, ``git clean -ffdx`` (``.dvc/``, ``.venv/`` and
    ``.tools/`` kept: the clone's DVC cache, its ``config.local`` and its environment), the local run-cache emptied;
-2. ``dvc.lock`` := the accepted lock entries of the stage's upstream stages (handed over by the coordinator), so the
-   upstream stages are "unchanged" and their data is pulled, never recomputed, and a stage that ran twice upstream
-   cannot make this one pick the other run's outputs;
+2. ``dvc.lock`` := the accepted lock entries of the stage's direct upstream stages (handed over by the coordinator),
+   whose outputs are then pulled, never recomputed: a stage that ran twice upstream cannot make this one pick the
+   other run's outputs;
 3. the remote's run-cache entries of the stage's own key fetched (and the stage restored from one of them if it
-   is there), then ``dvc repro <stage>``: the task fails if any stage other than its own ran (``dvc repro --pull``
-   would fetch every entry of the remote in every task);
+   is there), then ``dvc repro --single-item <stage>``: the task fails if any stage other than its own ran.
+   ``dvc repro --pull`` would fetch every entry of the remote in every task, and without ``--single-item`` DVC
+   checks (and the task would have to pull) every ancestor, so a task's cost would grow with the DAG;
 4. ``dvc push <stage>`` (the data first), then ``dvc push --run-cache`` with the local run-cache pruned to the
    stage's own entry, so each push uploads one entry instead of all the entries the pull brought.
 
@@ -250,7 +251,8 @@ def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
     with contextlib.suppress(Exception):
         import ray
 
-        node = f"{ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
+        if ray.is_initialized():  # in a Ray task (else asking would start a Ray instance)
+            node = f"{ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
     result: dict[str, Any] = {"stage": stage, "node": node, "pid": os.getpid(), "times": {}, "status": "failed"}
     started = time.time()
     with take_clone(root) as clone:
@@ -284,7 +286,7 @@ def run_stage(spec: dict[str, Any], board: Any = None) -> dict[str, Any]:
             times["restore"] = time.perf_counter() - clock
 
             clock = time.perf_counter()
-            output = _run(_dvc("repro", stage), clone, log, env, "dvc repro")
+            output = _run(_dvc("repro", "--single-item", stage), clone, log, env, "dvc repro --single-item")
             times["repro"] = time.perf_counter() - clock
             ran = RAN_RE.findall(output)
             others = sorted(set(ran) - {stage})
