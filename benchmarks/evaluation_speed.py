@@ -44,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from stages.core.ogbench_names import resolve_env_id
-from stages.core.rollout import Evaluator, episode_seed, wilson_interval
+from stages.core.policy_keys import episode_seed
+from stages.core.rollout import Evaluator
+from stages.core.stats import wilson_interval
 
 # --------------------------------------------------------------------------------------------------------------------
 # A small self-contained flow policy

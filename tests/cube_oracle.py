@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from stages.core.rollout import episode_seed
+from stages.core.policy_keys import episode_seed
 
 TASK = "cube-single-play-singletask-task2-v0"
 ENV_ID = "cube-single-singletask-task2-v0"

@@ -16,14 +16,9 @@ import ogbench  # noqa: F401  (registers the OGBench envs with gymnasium)
 import pytest
 
 from stages.core.ogbench_names import resolve_env_id
-from stages.core.rollout import (
-    Evaluator,
-    _Keys,
-    episode_seed,
-    evaluate,
-    pipeline_groups,
-    wilson_interval,
-)
+from stages.core.policy_keys import Keys, episode_seed
+from stages.core.rollout import Evaluator, pipeline_groups
+from stages.core.stats import wilson_interval
 from tests.cube_oracle import ENV_ID, TASK, OraclePolicy, oracle_chunk, outcomes, sequential_rollout
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,8 +105,8 @@ def test_actions_are_clipped(local):
 
 def test_call_keys_are_fold_ins_of_the_call_index_across_blocks():
     base = jax.random.fold_in(jax.random.PRNGKey(9), 0x5EED)
-    keys = _Keys(9, "call", 4)
-    for call in (0, 1, _Keys.BLOCK - 1, _Keys.BLOCK, 3 * _Keys.BLOCK + 7, 2):
+    keys = Keys(9, "call", 4)
+    for call in (0, 1, Keys.BLOCK - 1, Keys.BLOCK, 3 * Keys.BLOCK + 7, 2):
         key = keys(call, np.zeros(0, np.uint32), np.zeros(0, np.uint32))
         assert key.dtype == np.uint32 and np.array_equal(key, np.asarray(jax.random.fold_in(base, call)))
 
@@ -174,7 +169,7 @@ def test_bad_run_arguments(local, kwargs, message):
 
 def test_bad_evaluator_arguments():
     with pytest.raises(ValueError, match="workers must be an integer >= 1"):
-        evaluate(OraclePolicy(h=1), TASK, workers=0)
+        Evaluator(TASK, num_envs=1, workers=0)
     with pytest.raises(ValueError, match="unknown OGBench environment 'cube-single-singletask-task9-v0'"):
         Evaluator("cube-single-singletask-task9-v0")
 
@@ -231,15 +226,15 @@ def test_envs_in_worker_processes_only_give_the_same_results_and_frames(local, t
 
 
 def test_a_diverging_replay_is_an_error(monkeypatch):
-    from stages.core import rollout
+    from stages.core.env_workers import Backend
 
-    real = rollout._Backend.receive_replay
+    real = Backend.receive_replay
 
     def nudged(self):
         ret, taken, done, success, last, frames = real(self)
         return ret, taken, done, success, last + 1e-12, frames  # as if the replay's physics went elsewhere
 
-    monkeypatch.setattr(rollout._Backend, "receive_replay", nudged)
+    monkeypatch.setattr(Backend, "receive_replay", nudged)
     with (Evaluator(TASK, num_envs=1, workers=1, video_processes=1) as evaluator,
           pytest.raises(RuntimeError, match="replay of episode 0 .* diverged.*same last observation: False")):
         evaluator.run(OraclePolicy(h=2), episodes=1, max_episode_steps=4, video_episodes=1)
