@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         lines = "\n".join(f"  - {name}: {why}" for name, why in dag.breakers.items())
         raise SystemExit(f"error: these stages cannot be run through the run-cache:\n{lines}")
 
+    from stages.cluster import reaper
     from stages.cluster.loopback import LOOPBACK, is_loopback, use_loopback
+
+    reaper.start()  # whatever this process starts (the local Ray instance, the final restore) dies with it
 
     if not args.address or is_loopback(args.address):  # this machine only: nothing listens beyond 127.0.0.1
         use_loopback()

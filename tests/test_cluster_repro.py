@@ -367,3 +367,48 @@ def test_without_an_address_it_is_a_parallel_dvc_repro_on_a_local_ray_instance(t
     assert (tmp_path / "cluster" / "dvc.lock").read_bytes() == (tmp_path / "serial" / "dvc.lock").read_bytes()
     assert sorted(p.name for p in (tmp_path / "cluster" / ".dvc" / "tmp" / "cluster-clones").glob("clone-*.lock"))
     assert json.loads(dvc("status", "--json", cwd=tmp_path / "cluster").stdout) == {}
+
+
+def process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, start time, state) of every process."""
+    table = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            table[int(pid)] = (int(fields[1]), fields[19], fields[0])
+    return table
+
+
+def test_a_killed_local_coordinator_leaves_no_process_behind(tmp_path):
+    """SIGKILL of the entry point (local Ray instance) while a stage runs: its Ray instance, the task's dvc and stage
+    and Ray's agents (which otherwise lingered a minute and more) all end with it."""
+    repo = tmp_path / "toy"
+    make_toy_repo(repo, {"s000": ([], 120.0)}, {"url": str(tmp_path / "remote")})
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    process = subprocess.Popen([sys.executable, "-m", "stages.cluster_repro", "--no-live", "--num-cpus", "1"],
+                               cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline, tree = time.time() + 300, {}
+        while time.time() < deadline and process.poll() is None:
+            table = process_table()
+            tree = {pid: table[pid][1] for pid in descendants(process.pid) if pid in table}
+            commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in tree
+                        if Path(f"/proc/{pid}/cmdline").exists()}
+            if any(b"step.py\0s000" in command for command in commands.values()):  # the stage itself runs
+                break
+            time.sleep(0.2)
+        assert process.poll() is None and tree, "the stage never started"
+        reaper = [pid for pid, command in commands.items() if b"reaper.py" in command]
+        assert len(reaper) == 1 and any(b"ray::" in command for command in commands.values())
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        while time.time() < deadline and reaper[0] in process_table():  # the watcher kills, then exits
+            time.sleep(0.2)
+        table = process_table()
+        alive = [pid for pid, started in tree.items() if pid in table and table[pid][1] == started
+                 and table[pid][2] != "Z"]
+        assert alive == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:60] for pid in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
