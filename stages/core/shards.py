@@ -682,39 +682,21 @@ def _check_shard_file(
     return pf
 
 
-def verify_cache(
-    directory: str | os.PathLike[str],
-    *,
-    inputs: Mapping[str, str] | None = None,
-    F: int | None = None,
-    h: int | None = None,
-    d: int | None = None,
-    method: str | None = None,
-    verify_sha256: bool = True,
-    rebuild_hint: str = DEFAULT_REBUILD_HINT,
-) -> Manifest:
-    """Check a whole cache without loading its data: manifest, expectations, every shard; returns the manifest."""
+def verify_cache(directory: str | os.PathLike[str], *, verify_sha256: bool = True, **expected: Any) -> Manifest:
+    """Check a whole cache without loading its data: manifest, ``expected`` (the keywords of
+    :func:`check_expected`: inputs, F, h, d, method, rebuild_hint), every shard; returns the manifest."""
     directory = Path(directory)
-    manifest = _open_manifest(directory, inputs, F, h, d, method, rebuild_hint)
+    manifest = _open_manifest(directory, expected)
     for info in manifest.shards:
         _check_shard_file(directory, manifest, info, verify_sha256)
     return manifest
 
 
-def _open_manifest(
-    directory: Path,
-    inputs: Mapping[str, str] | None,
-    F: int | None,
-    h: int | None,
-    d: int | None,
-    method: str | None,
-    rebuild_hint: str,
-) -> Manifest:
-    """Read the manifest, check the caller's expectations, the shard list against the directory."""
+def _open_manifest(directory: Path, expected: Mapping[str, Any]) -> Manifest:
+    """Read the manifest, check the caller's expectations (:func:`check_expected`), the shard list against the
+    directory."""
     manifest = read_manifest(directory)
-    check_expected(
-        manifest, directory, inputs=inputs, F=F, h=h, d=d, method=method, rebuild_hint=rebuild_hint
-    )
+    check_expected(manifest, directory, **expected)
     listed = {s.file for s in manifest.shards}
     for entry in sorted(os.listdir(directory)):
         if _SHARD_RE.match(entry) and entry not in listed:
@@ -784,47 +766,29 @@ def _iter_checked(
 
 
 def iter_cache(
-    directory: str | os.PathLike[str],
-    *,
-    inputs: Mapping[str, str] | None = None,
-    F: int | None = None,
-    h: int | None = None,
-    d: int | None = None,
-    method: str | None = None,
-    verify_sha256: bool = True,
-    rebuild_hint: str = DEFAULT_REBUILD_HINT,
-    batch_rows: int = 8192,
+    directory: str | os.PathLike[str], *, verify_sha256: bool = True, batch_rows: int = 8192, **expected: Any
 ) -> Iterator[CacheBatch]:
     """Stream a cache shard by shard in batches of at most ``batch_rows`` rows, in row order.
 
     Batches never span two shards; memory stays bounded by a few batches whatever the cache size.
 
-    The manifest, the caller's expectations and the presence of every shard are checked before the first batch;
+    The manifest, the caller's expectations (``expected``: the keywords of :func:`check_expected`) and the
+    presence of every shard are checked before the first batch;
     each shard's size, sha256 (if ``verify_sha256``; otherwise Parquet page checksums), schema and row count are
     checked just before it is read. Arrays are zero-copy views of Arrow buffers where possible (read-only).
     """
     directory = Path(directory)
-    manifest = _open_manifest(directory, inputs, F, h, d, method, rebuild_hint)
+    manifest = _open_manifest(directory, expected)
     return _iter_checked(directory, manifest, verify_sha256, batch_rows)
 
 
-def read_cache(
-    directory: str | os.PathLike[str],
-    *,
-    inputs: Mapping[str, str] | None = None,
-    F: int | None = None,
-    h: int | None = None,
-    d: int | None = None,
-    method: str | None = None,
-    verify_sha256: bool = True,
-    rebuild_hint: str = DEFAULT_REBUILD_HINT,
-) -> ReversalCache:
+def read_cache(directory: str | os.PathLike[str], *, verify_sha256: bool = True, **expected: Any) -> ReversalCache:
     """Read a whole cache into preallocated arrays ``rows (N,)``, ``x (N, F+1, h*d)``, ``roundtrip_error (N,)``.
 
     Checks as :func:`iter_cache`. Peak memory is the result plus a few read batches.
     """
     directory = Path(directory)
-    manifest = _open_manifest(directory, inputs, F, h, d, method, rebuild_hint)
+    manifest = _open_manifest(directory, expected)
     for info in manifest.shards:  # sizes, schemas and row counts of the files before the result is allocated
         _check_shard_file(directory, manifest, info, verify_sha256=False).close()
     n = manifest.total_rows

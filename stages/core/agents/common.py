@@ -58,11 +58,20 @@ class FlowConfig:
         return self.h * self.action_dim
 
 
-def check_critic_fields(config) -> None:
-    """Validate (and normalise) critic_hidden, ensemble and tau of a config that has a critic."""
-    object.__setattr__(config, "critic_hidden", _positive_int_tuple("critic_hidden", config.critic_hidden))
-    bounds.COUNT.check("ensemble", config.ensemble)
-    bounds.TARGET_RATE.check("tau", config.tau)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CriticConfig(FlowConfig):
+    """The settings of a flow agent with a critic ensemble and a Polyak target."""
+
+    critic_hidden: tuple[int, ...] = (512, 512, 512, 512)
+    ensemble: int = 2
+    critic_layer_norm: bool = True
+    tau: float = 0.005
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "critic_hidden", _positive_int_tuple("critic_hidden", self.critic_hidden))
+        bounds.COUNT.check("ensemble", self.ensemble)
+        bounds.TARGET_RATE.check("tau", self.tau)
 
 
 def make_actor(config: FlowConfig) -> VelocityField:
@@ -109,13 +118,25 @@ def apply_adam(tx: optax.GradientTransformation, grads, opt_state, params):
     return optax.apply_updates(params, updates), opt_state
 
 
-def critic_actor_metrics(*, critic_loss, q, target, q_pi, valid, actor_grads, critic_grads, **losses) -> dict:
+def actor_critic_update(tx: optax.GradientTransformation, state, actor_params, actor_grads, critic_grads, rng,
+                        tau: float):  # fmt: skip
+    """The end every actor-critic update shares: Adam on the actor's params (``actor_params``: all that its
+    optimiser state covers) and on the critic, the Polyak target blended from the pre-update critic (as the
+    reference does), the next rng and step. Returns (the updated actor params, the other fields for
+    ``state.replace``)."""
+    actor, actor_opt = apply_adam(tx, actor_grads, state.actor_opt, actor_params)
+    critic, critic_opt = apply_adam(tx, critic_grads, state.critic_opt, state.critic)
+    target_critic = polyak(state.critic, state.target_critic, tau)
+    return actor, {"critic": critic, "target_critic": target_critic, "actor_opt": actor_opt, "critic_opt": critic_opt,
+                   "rng": rng, "step": state.step + 1}  # fmt: skip
+
+
+def critic_actor_metrics(losses: dict, q, target, q_pi, valid, actor_grads, critic_grads) -> dict:
     """The per-update metrics the Q-learning agents share: losses, Q statistics, valid share, gradient norms.
 
-    `losses` are the agent's own scalar terms (actor_loss, bc_loss, q_loss, ...), listed first.
+    `losses` are the scalar loss terms (critic_loss, actor_loss, bc_loss, q_loss, ...), listed first.
     """
     return {
-        "critic_loss": critic_loss,
         **losses,
         "q_mean": q.mean(),
         "q_min": q.min(),

@@ -34,20 +34,15 @@ Q_AGGREGATIONS = ("mean", "min")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config(common.FlowConfig):
+class Config(common.CriticConfig):
     """FQL settings (defaults: the FQL code's, with the chunked critic). `alpha` is the distillation weight."""
 
-    critic_hidden: tuple[int, ...] = (512, 512, 512, 512)
-    ensemble: int = 2
-    critic_layer_norm: bool = True
     alpha: float = 100.0
     q_agg: str = "mean"
     normalize_q_loss: bool = False
-    tau: float = 0.005
 
     def __post_init__(self):
         super().__post_init__()
-        common.check_critic_fields(self)
         if self.q_agg not in Q_AGGREGATIONS:
             raise ValueError(f"q_agg must be one of {Q_AGGREGATIONS}, got {self.q_agg!r}")
         bounds.BC_WEIGHT.check("alpha", self.alpha)
@@ -151,32 +146,12 @@ def make_step(config: Config):
         (actor_loss, (bc_loss, distill_loss, q_loss, q_pi)), actor_grads = jax.value_and_grad(
             actor_loss_fn, has_aux=True
         )(params)
-        (actor, onestep), actor_opt = common.apply_adam(tx, actor_grads, state.actor_opt, params)
-        critic, critic_opt = common.apply_adam(tx, critic_grads, state.critic_opt, state.critic)
-        new_state = TrainState(
-            actor=actor,
-            onestep_actor=onestep,
-            critic=critic,
-            target_critic=common.polyak(state.critic, state.target_critic, config.tau),
-            actor_opt=actor_opt,
-            critic_opt=critic_opt,
-            rng=rng,
-            step=state.step + 1,
-        )
-        metrics = common.critic_actor_metrics(
-            critic_loss=critic_loss,
-            actor_loss=actor_loss,
-            bc_loss=bc_loss,
-            distill_loss=distill_loss,
-            q_loss=q_loss,
-            q=q,
-            target=target,
-            q_pi=q_pi,
-            valid=valid,
-            actor_grads=actor_grads,
-            critic_grads=critic_grads,
-        )
-        return new_state, metrics
+        (actor, onestep), fields = common.actor_critic_update(tx, state, params, actor_grads, critic_grads, rng,
+                                                              config.tau)  # fmt: skip
+        new_state = state.replace(actor=actor, onestep_actor=onestep, **fields)
+        losses = {"critic_loss": critic_loss, "actor_loss": actor_loss, "bc_loss": bc_loss,
+                  "distill_loss": distill_loss, "q_loss": q_loss}  # fmt: skip
+        return new_state, common.critic_actor_metrics(losses, q, target, q_pi, valid, actor_grads, critic_grads)
 
     return step
 

@@ -37,16 +37,13 @@ REVERSAL_MODES = ("online", "cached")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config(common.FlowConfig):
+class Config(common.CriticConfig):
     """RQL settings (defaults: the reference's get_config). See the module docstring for the symbols."""
 
-    critic_hidden: tuple[int, ...] = (512, 512, 512, 512)
     ensemble: int = 10
-    critic_layer_norm: bool = True
     alpha: float = 1.0
     expectile: float = 0.5
     rho: float = 0.0
-    tau: float = 0.005
     ema: float = 0.999
     reversal: str = "online"
     reversal_method: str = "euler"
@@ -55,7 +52,6 @@ class Config(common.FlowConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        common.check_critic_fields(self)
         if self.reversal not in REVERSAL_MODES:
             raise ValueError(f"reversal must be one of {REVERSAL_MODES}, got {self.reversal!r}")
         if self.reversal_method not in flows.REVERSAL_METHODS:
@@ -182,31 +178,12 @@ def make_step(config: Config):
             state.actor
         )
 
-        actor, actor_opt = common.apply_adam(tx, actor_grads, state.actor_opt, state.actor)
-        critic, critic_opt = common.apply_adam(tx, critic_grads, state.critic_opt, state.critic)
-        new_state = TrainState(
-            actor=actor,
-            critic=critic,
-            # The reference blends the pre-update online parameters into the targets; so do we.
-            target_critic=common.polyak(state.critic, state.target_critic, config.tau),
-            ema_actor=common.polyak(state.actor, state.ema_actor, 1.0 - config.ema),
-            actor_opt=actor_opt,
-            critic_opt=critic_opt,
-            rng=rng,
-            step=state.step + 1,
-        )
-        metrics = common.critic_actor_metrics(
-            critic_loss=critic_loss,
-            actor_loss=actor_loss,
-            bc_loss=bc_loss,
-            q_loss=q_loss,
-            q=q,
-            target=target,
-            q_pi=q_pi,
-            valid=valid,
-            actor_grads=actor_grads,
-            critic_grads=critic_grads,
-        )
+        actor, fields = common.actor_critic_update(tx, state, state.actor, actor_grads, critic_grads, rng, config.tau)
+        # The reference blends the pre-update online parameters into the targets (and the EMA); so do we.
+        ema_actor = common.polyak(state.actor, state.ema_actor, 1.0 - config.ema)
+        new_state = state.replace(actor=actor, ema_actor=ema_actor, **fields)
+        losses = {"critic_loss": critic_loss, "actor_loss": actor_loss, "bc_loss": bc_loss, "q_loss": q_loss}
+        metrics = common.critic_actor_metrics(losses, q, target, q_pi, valid, actor_grads, critic_grads)
         metrics.update(rev_metrics)
         return new_state, metrics
 
