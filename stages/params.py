@@ -29,7 +29,7 @@ from pydantic import (
 
 from stages.agent_registry import AGENTS, groups
 from stages.core import bounds
-from stages.core.ogbench_names import env_for_task, parse_task  # noqa: F401  (env_for_task: stages/train.py)
+from stages.core.ogbench_names import parse_task
 from stages.core.presets import PRESET_NAMES, named_preset, preset_for_task
 from stages.core.schedule import schedule_problems
 

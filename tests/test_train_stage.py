@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 import yaml
 
-from stages import download, layout, train
+from stages import download, layout, train, training
 from stages.core import checkpoints, policy_file, training_loop
 from stages.core.agents import bc_flow
 
@@ -46,8 +46,8 @@ def repo(tmp_path_factory) -> Path:
     for section, values in TINY.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert download.main(["--params", str(repo / "params.yaml"), "--out", str(repo / layout.DATASETS),
-                          "--ogbench-dir", str(repo / "no-ogbench")]) == 0
+    download.main(["--params", str(repo / "params.yaml"), "--out", str(repo / layout.DATASETS),
+                   "--ogbench-dir", str(repo / "no-ogbench")])  # raises on failure
     return repo
 
 
@@ -156,7 +156,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(referen
         raise Interrupt("killed after the last checkpoint")
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(Interrupt):
-        mp.setattr(train, "write_live", killed_before_the_outputs)
+        mp.setattr(training, "write_live", killed_before_the_outputs)
         run_stage()
     assert outputs_left() == []
     directory = checkpoint_dir()

@@ -39,7 +39,6 @@ from stages.core.policy_file import (
     describe_mismatch,
     is_key_leaf,
     leaf_paths,
-    save_policy,  # noqa: F401  (stages/train.py still calls checkpoints.save_policy)
     stored_shape_dtype,
 )
 
