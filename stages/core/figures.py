@@ -94,8 +94,8 @@ def agent_comparison(stats: pd.DataFrame, paper: dict[tuple[str, str], float], i
     """Final success per task and agent as bars with their 95% interval, the paper's figure as a star.
 
     ``stats`` columns: agent, task, mean, low, high (success %, one row per agent and task, as
-    ``stages.report.task_stats`` gives); ``paper`` maps (agent, task) to a published success (%); ``interval`` names
-    the interval the error bars show (e.g. "95% Wilson interval, 50 episodes"), for the legend.
+    ``stages.core.study_tables.task_stats`` gives); ``paper`` maps (agent, task) to a published success (%);
+    ``interval`` names the interval the error bars show (e.g. "95% Wilson interval, 50 episodes"), for the legend.
     """
     tasks = sorted(stats["task"].unique())
     agents = sorted(stats["agent"].unique())
