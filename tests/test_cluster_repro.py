@@ -1,12 +1,14 @@
 """The pipeline on a simulated Ray cluster through ``python -m stages.cluster_repro``, against a real S3 server.
 
-A ``ray.cluster_utils.Cluster`` (a head without CPUs and two worker nodes, each with a clone pool of its own: the
-nodes share no clone with each other or with the workspace) and moto's standalone S3 server on 127.0.0.1 as the DVC
-remote. The tiny study (tests/test_pipeline.py's TINY settings, cached RQL: validate, download, prior, reverse,
-train, evaluate, report) runs through the entry point while the Ray worker process of the train task is killed
-once; the workspace must then hold what a serial ``dvc repro`` of the same params writes. Toy DAGs of trivial
-stages check that a failing stage stops only its descendants and that a rerun (also after the coordinator was
-killed) reruns nothing that finished.
+A ``ray.cluster_utils.Cluster`` on 127.0.0.1 only (a head without CPUs and two worker nodes, each with a clone pool
+of its own: the nodes share no clone with each other or with the workspace) and moto's standalone S3 server on
+127.0.0.1 as the DVC remote; a test checks that every socket the cluster listens on is bound to 127.0.0.1. The tiny
+study (tests/test_pipeline.py's TINY settings, cached RQL: validate, download, prior, reverse, train, evaluate,
+report) runs through the entry point while the node of the train task is lost after the first checkpoint (the
+checkpoints in a folder both nodes reach): the task must resume on the other node, and the workspace must then hold
+what a serial ``dvc repro`` of the same params writes. Toy DAGs of trivial stages check that a failing stage stops
+only its descendants, that a rerun (also after the coordinator was killed) reruns nothing that finished, the local
+mode (no ``--address``) against ``dvc repro``, and that a killed local coordinator leaves no process behind.
 """
 
 from __future__ import annotations
