@@ -1,11 +1,14 @@
 """The hardening campaign: attack the pipeline systematically and print the tally.
 
-    .venv/bin/python benchmarks/hardening.py [--trials 10] [--only kill|bad-inputs|fuzz] [--workdir DIR]
+    .venv/bin/python benchmarks/hardening.py [--trials 10] [--only kill|cluster-kill|bad-inputs|fuzz] [--workdir DIR]
                                              [--fuzz-cases 2000] [--match TEXT] [--markdown FILE]
 
 - kill: SIGKILL at random points of every stage (download, prior, reverse, train, evaluate, report) of a tiny study,
   outputs checked before any rerun (absent, or complete and valid), then rerun and compared byte for byte with the
   uninterrupted run; and ``dvc repro`` itself killed (no stage may outlive it);
+- cluster-kill: the cluster entry point (``python -m stages.cluster_repro``, local Ray instance) SIGKILLed at random
+  points: nothing may outlive it or look finished while partial, and a rerun must restore every stage that had
+  finished and end byte-identical to the reference (``benchmarks/hardening/cluster_kills.py``);
 - bad-inputs: broken params, datasets, shards, policies, checkpoints, DVC cache and remote objects, a full disk and
   two concurrent ``dvc repro``, each through the real entry point (non-zero exit, one ``error:`` line naming the
   file or key, no partial output);
@@ -28,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.hardening import bad_inputs, fuzz, kills, report
+from benchmarks.hardening import bad_inputs, cluster_kills, fuzz, kills, report
 from benchmarks.hardening.common import Result, build_reference
 
 FUZZ_SHARE = {"npz-validate": 1.0, "npz-read": 0.5, "npz-training": 0.5, "shards-read": 1.0, "shards-iter": 0.5,
@@ -53,7 +56,7 @@ def fuzz_campaign(cases: int, seed: int, workdir: Path) -> list[Result]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="kill trials per stage")
-    parser.add_argument("--only", choices=["kill", "bad-inputs", "fuzz"])
+    parser.add_argument("--only", choices=["kill", "cluster-kill", "bad-inputs", "fuzz"])
     parser.add_argument("--workdir", type=Path, help="keep the study and results here (reused when rerun)")
     parser.add_argument("--fuzz-cases", type=int, default=2000, help="mutations per main loader")
     parser.add_argument("--seed", type=int, default=0)
@@ -70,12 +73,14 @@ def main() -> None:
     try:
         if args.only in (None, "fuzz"):
             results += fuzz_campaign(args.fuzz_cases, args.seed, workdir)
-        if args.only in (None, "kill", "bad-inputs"):
+        if args.only in (None, "kill", "cluster-kill", "bad-inputs"):
             reference = build_reference(workdir, log)
             if args.only in (None, "bad-inputs"):
                 results += bad_inputs.campaign(reference, workdir, log, args.match)
             if args.only in (None, "kill"):
                 results += kills.campaign(reference, workdir, args.trials, args.seed, log, args.match)
+            if args.only in (None, "cluster-kill"):
+                results += cluster_kills.campaign(reference, workdir, args.trials, args.seed, log)
     except KeyboardInterrupt:
         log("interrupted: the table covers the cases run so far")
     finally:
