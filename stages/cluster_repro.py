@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.address or is_loopback(args.address):  # this machine only: nothing listens beyond 127.0.0.1
         use_loopback()
+    # Ray's `uv run` hook (on when the driver runs under `uv run`, as `make` runs it) would start every worker with
+    # `uv run` in a copy of the workspace uploaded to the cluster: they failed to start (no .tools/bin/uv in the
+    # copy) and the run hung. Every node has the project's environment already (`make setup`).
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     import ray
 
     from stages.cluster.scheduler import Scheduler, stage_resources, write_summary
