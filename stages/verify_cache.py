@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         fix = "removed; run `dvc pull` or `dvc repro` to restore them" if args.remove else (
             "rerun with --remove, then `dvc pull` or `dvc repro` to restore them")
         named = sorted({user for problem in problems for user in problem.used_by}) or [
-            problem.line(root).split(":")[0] for problem in problems]
+            problem.where(root) for problem in problems]
         more = f" and {len(named) - 3} more" if len(named) > 3 else ""
         raise RuntimeError(f"{len(problems)} damaged file(s) in the DVC cache or workspace, holding "
                            f"{', '.join(named[:3])}{more}: {fix}")

@@ -9,7 +9,6 @@ the objects and, through ``dvc.lock``, the workspace files they became, and name
 from __future__ import annotations
 
 import configparser
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-READ_CHUNK = 1 << 20
+from stages.core.files import file_digest
 
 
 @dataclass(frozen=True)
@@ -27,18 +26,12 @@ class Problem:
     actual: str
     used_by: tuple[str, ...]  # workspace paths that are (or come from) this content
 
+    def where(self, root: Path) -> str:
+        return str(self.path.relative_to(root) if self.path.is_relative_to(root) else self.path)
+
     def line(self, root: Path) -> str:
-        where = self.path.relative_to(root) if self.path.is_relative_to(root) else self.path
         users = f" ({', '.join(self.used_by)})" if self.used_by else ""
-        return f"{where}{users}: content MD5 {self.actual}, expected {self.expected}"
-
-
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        while block := f.read(READ_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+        return f"{self.where(root)}{users}: content MD5 {self.actual}, expected {self.expected}"
 
 
 def cache_dir(root: Path) -> Path:
@@ -108,12 +101,12 @@ def check(root: Path, workspace: bool = True) -> list[Problem]:
     problems = []
     for name, obj in _objects(cache):
         expected = name.removesuffix(".dir")
-        actual = md5_of(obj)
+        actual = file_digest(obj, "md5")
         if actual != expected:
             problems.append(Problem(obj, expected, actual, tuple(sorted(users.get(name, [])))))
     if workspace:
         for path, md5 in sorted(files.items()):
             target = root / path
-            if target.is_file() and (actual := md5_of(target)) != md5:
+            if target.is_file() and (actual := file_digest(target, "md5")) != md5:
                 problems.append(Problem(target, md5, actual, (path,)))
     return problems

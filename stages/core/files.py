@@ -69,13 +69,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in blocks (bounded memory)."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """Hex digest of a file with a hashlib ``algorithm``, read in blocks (bounded memory)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in blocks (bounded memory)."""
+    return file_digest(path, "sha256")
 
 
 def pretty_json(obj: Any, *, allow_nan: bool = True) -> str:
