@@ -49,7 +49,7 @@ def test_exact_reversal_round_trip_within_1e4_and_beats_euler(actors, which):
     velocity, s, chunk = velocities[which], batch["observations"], batch["actions"]
     errors = {}
     for method in ("exact", "euler"):
-        reverse = jax.jit(lambda s, c, m=method: flows.reverse_trajectory(velocity, s, c, F, m, 50, 1e-6))
+        reverse = jax.jit(lambda s, c, m=method: flows.reverse_trajectory(velocity, s, c, F, m, iterations=50, tolerance=1e-6))
         trajectory, info = reverse(s, chunk)
         assert trajectory.shape == (chunk.shape[0], F + 1, H * ACTION_DIM)
         np.testing.assert_array_equal(trajectory[:, F], chunk)

@@ -31,7 +31,9 @@ def reverse_rows(config, actor_params, data: DeviceDataset, rows: jax.Array, met
     velocity = velocity_fn(config, actor_params)
     batch = chunks_at(data, rows, config.h, 1.0)
     s, chunk = batch["observations"], batch["actions"]
-    trajectory, info = flows.reverse_trajectory(velocity, s, chunk, config.flow_steps, method, iterations, tolerance)
+    trajectory, info = flows.reverse_trajectory(
+        velocity, s, chunk, config.flow_steps, method, iterations=iterations, tolerance=tolerance
+    )
     error = flows.roundtrip_error(velocity, s, trajectory[:, 0], chunk, config.flow_steps)
     return trajectory, error, info["residual"]
 
@@ -80,7 +82,8 @@ def rebuild(config, actor_params, data: DeviceDataset, batch_size: int, method: 
     def one(block):
         batch = chunks_at(data, block, config.h, 1.0)
         trajectory, _ = flows.reverse_trajectory(
-            velocity, batch["observations"], batch["actions"], config.flow_steps, method, iterations, tolerance
+            velocity, batch["observations"], batch["actions"], config.flow_steps, method,
+            iterations=iterations, tolerance=tolerance,
         )
         return trajectory
 

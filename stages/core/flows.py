@@ -156,29 +156,16 @@ def reverse(
 
 
 def reverse_trajectory(
-    velocity: Velocity,
-    observations: jnp.ndarray,
-    chunk: jnp.ndarray,
-    flow_steps: int,
-    method: str = "exact",
-    iterations: int = 20,
-    tolerance: float = 1e-6,
+    velocity: Velocity, observations: jnp.ndarray, chunk: jnp.ndarray, flow_steps: int, method: str = "exact", **solver
 ):
     """Full reversal (d = 1) of every row: returns (trajectory (B, F + 1, D) with [:, j] at time j / F, info).
 
     [:, F] is the chunk itself and [:, 0] the noise the sampler maps to it. The rows of a reversal cache.
+    `solver` is `reverse`'s `iterations` and `tolerance` (the exact method's fixed point).
     """
     distance = jnp.ones((chunk.shape[0],), chunk.dtype)
     _, _, info, trajectory = reverse(
-        velocity,
-        observations,
-        chunk,
-        distance,
-        flow_steps,
-        method,
-        iterations,
-        tolerance,
-        return_trajectory=True,
+        velocity, observations, chunk, distance, flow_steps, method, return_trajectory=True, **solver
     )
     return trajectory, info
 
