@@ -5,9 +5,10 @@
 
 The DVC remote and its run-cache are the only shared state: each task runs in a clone of the repository of its
 own on its node, at this workspace's commit (``stages/cluster/worker.py``), and pushes the stage's outputs and run-
-cache entry. At the end ``dvc repro --pull`` here restores every stage from the run-cache (nothing reruns) and
-writes ``dvc.lock`` once. A failing stage stops only what depends on it; the rest finishes and the command exits 1
-naming the stage and its log. Rerunning reruns nothing that finished (it is restored from the run-cache).
+cache entry. At the end the accepted runs are restored here in one pass (``stages/cluster/restore.py``: every
+output fetched in one batch and checked out, then ``dvc.lock`` written once, as a serial ``dvc repro`` writes it;
+nothing reruns), and ``dvc status`` must find nothing changed. A failing stage stops only what depends on it; the
+rest finishes and the command exits 1 naming the stage and its log. Rerunning reruns nothing that finished (it is restored from the run-cache).
 Resources per stage kind: params.yaml's ``cluster`` section. Logs: one per stage in ``--logs``.
 
 Each node needs the project's environment (``make setup``), ``ray start`` from it, git access to ``--git-url`` and
@@ -18,15 +19,13 @@ every clone made there). ``RQL_CLUSTER_CLONES`` in a node's environment override
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 CHECKPOINTS_ENV = "RQL_CHECKPOINTS"  # stages.layout.CHECKPOINTS_ENV (not imported: no stage code in the coordinator)
 
@@ -101,20 +100,42 @@ def _dvc_env() -> dict[str, str]:
     return env
 
 
-def restore(workspace: Path, targets: list[str], log_path: Path) -> tuple[bool, str, float]:
-    """``dvc repro --pull`` here: (nothing ran, output, seconds)."""
+def restore(workspace: Path, names: list[str], accepted: dict[str, dict], log_path: Path
+            ) -> tuple[bool, str, dict[str, float]]:
+    """The accepted runs of ``names`` restored here in one pass (``stages/cluster/restore.py``: their outputs
+    fetched and checked out, then dvc.lock written once), then ``dvc status`` of them in a new DVC process, which
+    must find nothing changed: (restored and clean, log, seconds per phase)."""
+    from stages.cluster.restore import restore_accepted
+
+    lines: list[str] = []
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--pull", *targets], cwd=workspace,
+    try:
+        times = restore_accepted(workspace, names, accepted, lines.append)
+    except Exception as error:  # noqa: BLE001 - RestoreError, or any of DVC's errors: the log names it
+        lines.append(f"# FAILED: {type(error).__name__}: {error}")
+        log_path.write_text("\n".join(lines) + "\n")
+        return False, "\n".join(lines), {"total": time.perf_counter() - started}
+    clock = time.perf_counter()
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *names], cwd=workspace,
                             env=_dvc_env(), capture_output=True, text=True, check=False)
-    output = result.stdout + result.stderr
-    log_path.write_text(output)
-    ran = re.findall(r"^Running stage '([^']+)'", output, re.MULTILINE)
-    return result.returncode == 0 and not ran, output, time.perf_counter() - started
+    times["status"] = time.perf_counter() - clock
+    times["total"] = time.perf_counter() - started
+    try:
+        clean = status.returncode == 0 and json.loads(status.stdout or "null") == {}
+    except ValueError:
+        clean = False
+    lines.append(f"$ dvc status --json ({len(names)} stages): exit {status.returncode} after {times['status']:.2f} s"
+                 f"\n{status.stdout.strip()}{status.stderr.strip()}")
+    if not clean:
+        lines.append("# FAILED: dvc status finds stages changed after the restore")
+    log_path.write_text("\n".join(lines) + "\n")
+    return clean, "\n".join(lines), times
 
 
 def lock_mismatches(workspace: Path, accepted: dict[str, dict]) -> list[str]:
-    lock = workspace / "dvc.lock"
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    from stages.cluster.restore import load_lock
+
+    stages = load_lock(workspace / "dvc.lock")
     return [name for name, entry in accepted.items() if stages.get(name) != entry]
 
 
@@ -209,26 +230,26 @@ def main(argv: list[str] | None = None) -> int:
 
     done = [name for name in dag.order if states[name].status in ("ran", "restored")]
     failed = [name for name in dag.order if states[name].status == "failed"]
-    everything = len(done) == len(dag.order)
-    restored, output, restore_seconds = (False, "", 0.0)
+    restored, output, restore_times = (False, "", {})
     if done:
-        restored, output, restore_seconds = restore(workspace, args.targets if everything else done,
-                                                    logs / "_restore.log")
+        restored, output, restore_times = restore(workspace, done, scheduler.accepted, logs / "_restore.log")
+    restore_seconds = restore_times.get("total", 0.0)
     mismatched = lock_mismatches(workspace, scheduler.accepted) if restored else []
     write_summary(logs / "summary.json", states, attempts, {
         "commit": commit, "makespan_s": round(makespan, 3), "restore_s": round(restore_seconds, 3),
-        "restore_ok": restored, "lock_mismatches": mismatched})
+        "restore_phases_s": {k: round(v, 3) for k, v in restore_times.items()}, "restore_ok": restored,
+        "lock_mismatches": mismatched})
     ran = sum(states[name].status == "ran" for name in done)
     print(f"{len(done)} of {len(dag.order)} stages done ({ran} ran, {len(done) - ran} restored from the run-cache) "
           f"in {makespan:.1f} s; workspace restored in {restore_seconds:.1f} s", file=sys.stderr)
     code = 0
     if done and not restored:
-        print(f"error: dvc repro --pull in the workspace failed or ran stages; see {logs / '_restore.log'}:\n"
-              f"{output[-2000:]}", file=sys.stderr)
+        print(f"error: restoring the accepted runs in the workspace failed, or dvc status finds them changed; "
+              f"see {logs / '_restore.log'}:\n{output[-2000:]}", file=sys.stderr)
         code = 1
     if mismatched:
-        print(f"error: dvc.lock differs from the accepted runs of {', '.join(mismatched)} (several run-cache "
-              "entries for one stage on the remote?)", file=sys.stderr)
+        print(f"error: dvc.lock differs from the accepted runs of {', '.join(mismatched)} (DVC's serialisation of "
+              "the restored stages is not what the workers wrote?)", file=sys.stderr)
         code = 1
     for name in failed:
         print(f"error: stage {name} failed: {states[name].error}; log: {states[name].log}", file=sys.stderr)

@@ -4,9 +4,11 @@
 a Ray task as soon as its upstream stages are done. A task (``worker.run_stage``) runs on any node, in a clone of
 the repository of its own: it resets the clone to the coordinator's commit, writes the accepted ``dvc.lock``
 entries of the stage's upstream stages, pulls their outputs and the remote's run-cache entries of its own stage,
-runs ``dvc repro <stage>``, pushes the stage's outputs and then its run-cache entry. At the end the coordinator runs ``dvc repro --pull`` in the user's workspace, which restores every
-stage from the run-cache without running any.
+runs ``dvc repro <stage>``, pushes the stage's outputs and then its run-cache entry. At the end the coordinator
+restores the accepted runs in the user's workspace in one pass (``restore.py``: every output fetched in one batch
+and checked out, then ``dvc.lock`` written once, as a serial ``dvc repro`` leaves it), running none, and checks the
+result with ``dvc status``.
 
-This package imports neither JAX nor the pipeline's stage modules: the worker side needs only the standard library,
-PyYAML and Ray, the coordinator side DVC's Python API and rich.
+This package imports neither JAX nor the pipeline's stage modules: the worker side needs the standard library,
+PyYAML, Ray and DVC's Python API, the coordinator side DVC's Python API and rich.
 """

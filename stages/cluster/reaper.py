@@ -1,10 +1,11 @@
 """Nothing the coordinator started outlives it, even when it is killed with SIGKILL (Linux).
 
 ``python -m stages.cluster_repro`` starts a local Ray instance (GCS, raylet, workers, the dashboard and runtime-env
-agents), and, at the end, ``dvc repro --pull`` in the workspace. Killed, it takes the GCS and the raylet with it
-(Ray ties them to their driver) and the stages die with their Ray worker, but Ray's agents lingered for a minute
-and more (measured: still running 60 s after the kill), and a restore in progress would go on checking out files
-into a workspace where the user may already be running something else.
+agents), and, at the end, ``dvc status`` in the workspace. Killed, it takes the GCS and the raylet with it (Ray
+ties them to their driver) and the stages die with their Ray worker, but Ray's agents lingered for a minute and
+more (measured: still running 60 s after the kill), and a restore in a child process (``dvc repro --pull``, as the
+coordinator once ran it) went on checking out files into a workspace where the user may already be running
+something else.
 
 :func:`start` launches this file as a small watcher process: it asks the kernel for SIGTERM when the coordinator
 dies (``PR_SET_PDEATHSIG``), keeps a list of the coordinator's descendants (pid and start time, refreshed every

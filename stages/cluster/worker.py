@@ -24,7 +24,7 @@ Training checkpoints go to ``RQL_CHECKPOINTS`` (the node's own, else the coordin
 every node reaches, so a train task retried after its process or node died resumes from the newest checkpoint.
 
 Stage failures are returned as results (they are not retried: the same commit fails the same way); the task's
-process dying (killed, node lost) is what Ray retries. Needs only the standard library and PyYAML.
+process dying (killed, node lost) is what Ray retries. Needs the standard library, PyYAML and DVC.
 """
 
 from __future__ import annotations
@@ -178,7 +178,11 @@ def write_lock(clone: Path, entries: dict[str, Any]) -> None:
 
 
 def lock_entry(clone: Path, stage: str) -> dict[str, Any]:
-    stages = (yaml.safe_load((clone / "dvc.lock").read_text()) or {}).get("stages", {})
+    """The stage's entry as DVC reads it back (its YAML 1.2 loader): the coordinator writes it into the workspace's
+    dvc.lock through DVC's serialiser, and PyYAML's YAML 1.1 would turn a param such as ``yes`` into a bool."""
+    from dvc.utils.serialize import load_yaml
+
+    stages = (load_yaml(str(clone / "dvc.lock")) or {}).get("stages", {})
     if stage not in stages:
         raise StageError(f"dvc.lock has no entry for {stage} after dvc repro")
     return stages[stage]
@@ -186,12 +190,14 @@ def lock_entry(clone: Path, stage: str) -> dict[str, Any]:
 
 def keep_own_run_cache_entry(clone: Path, stage: str, entry: dict[str, Any]) -> str:
     """Delete every local run-cache entry but the stage's own (the pull brought all of the remote's); its path."""
+    from dvc.utils.serialize import YAMLFileCorruptedError, load_yaml
+
     runs = clone / ".dvc" / "cache" / "runs"
     own = []
     for path in sorted(runs.glob("*/*/*")) if runs.is_dir() else []:
         try:
-            same = yaml.safe_load(path.read_text()) == entry
-        except (OSError, yaml.YAMLError):
+            same = load_yaml(str(path)) == entry  # read as lock_entry reads the entry
+        except (OSError, YAMLFileCorruptedError):
             same = False
         if same:
             own.append(path)
