@@ -139,6 +139,20 @@ def lock_mismatches(workspace: Path, accepted: dict[str, dict]) -> list[str]:
     return [name for name, entry in accepted.items() if stages.get(name) != entry]
 
 
+def checkpoints_location(value: str | None, workspace: Path, local: bool) -> str | None:
+    """What every task gets as RQL_CHECKPOINTS: a URL (``gs://bucket/ckpt``) as it is (Orbax writes it itself), an
+    absolute path (``~`` is expanded on each node), or without either the workspace's data/checkpoints for a local
+    instance (every local clone reaches it) and nothing on a cluster."""
+    from stages.core.files import is_url
+
+    if not value:
+        return str(workspace / "data" / "checkpoints") if local else None
+    if not is_url(value) and not Path(os.path.expanduser(value)).is_absolute():
+        raise SystemExit(f"error: --checkpoints {value}: neither an absolute path nor a URL such as gs://bucket/ckpt "
+                         "(a folder every node reaches)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.cluster_repro", description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="*", help="stages as for dvc repro (default: all)")
@@ -149,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clones", help="folder of each node's clones (default: .dvc/tmp/cluster-clones here "
                         "without --address, else ~/.cache/rql-cluster/<name>)")
     parser.add_argument("--checkpoints", default=os.environ.get(CHECKPOINTS_ENV) or None,
-                        help="training checkpoints in a folder every node reaches (absolute), so a train task "
+                        help="training checkpoints in a folder every node reaches (absolute, or a gs:// URL that "
+                        "Orbax writes itself), so a train task "
                         "retried on another node resumes instead of starting over (default: $RQL_CHECKPOINTS; "
                         "without --address data/checkpoints here, which every local clone reaches; a node's own "
                         "RQL_CHECKPOINTS wins)")
@@ -173,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     clones = args.clones or (str(workspace / ".dvc" / "tmp" / "cluster-clones") if not args.address
                              else f"~/.cache/rql-cluster/{workspace.name}")
     logs = (workspace / args.logs).resolve()
-    checkpoints = args.checkpoints or (str(workspace / "data" / "checkpoints") if not args.address else None)
-    if checkpoints and not Path(os.path.expanduser(checkpoints)).is_absolute():
-        raise SystemExit(f"error: --checkpoints {checkpoints}: not an absolute path (a folder every node reaches)")
+    checkpoints = checkpoints_location(args.checkpoints, workspace, local=not args.address)
     logs.mkdir(parents=True, exist_ok=True)
 
     from stages.cluster.dag import load_dag

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+from stages.core.files import is_url
 
 DATA = Path("data")
-# A folder every node of a cluster reaches (a shared mount), so that a train task retried on another node resumes
+# A folder every node of a cluster reaches (a shared mount, or a gs:// URL), so that a train task retried on another node resumes
 # from the newest checkpoint instead of step 0. Absolute: stages run in clones that are reset between tasks.
 CHECKPOINTS_ENV = "RQL_CHECKPOINTS"
 DATASETS = DATA / "datasets"
@@ -37,13 +40,19 @@ def run_dir(agent: str, task: str, seed: int) -> Path:
     return DATA / "runs" / agent / task / f"seed{seed}"
 
 
-def checkpoints_dir() -> Path:
-    """``$RQL_CHECKPOINTS`` when set (an absolute local or mounted path), else ``data/checkpoints``."""
+def checkpoints_dir() -> Any:
+    """``$RQL_CHECKPOINTS`` when set (an absolute local or mounted path, or a URL such as ``gs://bucket/ckpt``, kept
+    as it is: an ``etils.epath.Path``, which Orbax reaches itself), else ``data/checkpoints``."""
     shared = os.environ.get(CHECKPOINTS_ENV, "")
     if not shared:
         return DATA / "checkpoints"
+    if is_url(shared):
+        from etils import epath
+
+        return epath.Path(shared)
     if not Path(shared).is_absolute():
-        raise ValueError(f"{CHECKPOINTS_ENV}={shared!r} is not an absolute path (a folder every node reaches)")
+        raise ValueError(f"{CHECKPOINTS_ENV}={shared!r} is neither an absolute path nor a URL (a folder every node "
+                         "reaches)")
     return Path(shared)
 
 
@@ -51,7 +60,7 @@ def shared_checkpoints() -> bool:
     return bool(os.environ.get(CHECKPOINTS_ENV))
 
 
-def checkpoint_root(agent: str, task: str, seed: int) -> Path:
+def checkpoint_root(agent: str, task: str, seed: int) -> Any:
     return checkpoints_dir() / agent / task / f"seed{seed}"
 
 

@@ -6,8 +6,9 @@ Orbax checkpoints go to ``data/checkpoints/<agent>/<task>/seed<k>/<fingerprint>/
 deletes them): rerunning an interrupted stage resumes from the newest intact one and ends with the same parameters
 and the same learning curves as an uninterrupted run (the metric history is saved with each checkpoint). The
 fingerprint covers everything the run depends on, so changed params start afresh. ``RQL_CHECKPOINTS`` (an absolute
-path every node of a cluster reaches) replaces ``data/checkpoints``, so a run retried on another node resumes too;
-there, other fingerprints are left alone (they may be other studies' runs in progress).
+path every node of a cluster reaches, or a ``gs://`` URL handed to Orbax as it is) replaces ``data/checkpoints``, so
+a run retried on another node resumes too; there, other fingerprints are left alone (they may be other studies' runs
+in progress).
 
 Outputs: the stage first removes its previous outputs (``policy.msgpack``, ``summary.json``, ``live/``), so a failed
 or killed run never leaves an old file beside a new one. ``live/`` (dvclive: ``metrics.json``,

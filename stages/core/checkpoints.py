@@ -15,6 +15,11 @@ is detected even where TensorStore would read it without complaint. :meth:`Train
 the newest intact step and moves the unreadable newer ones to ``<directory>/unreadable/<step>`` (Orbax does not list
 that folder), logging a warning; with no intact step it stops with one line saying which directory to delete.
 
+Where: a local directory (made absolute: Orbax needs absolute paths), or a URL such as ``gs://bucket/ckpt/run``,
+handed to Orbax untouched (:func:`checkpoint_location`): Orbax writes ``gs://`` itself (TensorStore for the arrays,
+``etils.epath`` for the rest), and this module's own files (the manifest, a step moved aside) go through
+``etils.epath`` there too, with no temporary file (an object store writes an object whole or not at all).
+
 What downstream stages read is the policy export (:mod:`stages.core.policy_file`), not these files.
 """
 
@@ -33,7 +38,7 @@ from typing import Any, NamedTuple, Self, TypeVar
 import jax
 import numpy as np
 
-from stages.core.files import atomic_write_bytes, compact_json, sha256_file
+from stages.core.files import atomic_write_bytes, compact_json, is_url, sha256_file
 from stages.core.policy_file import (
     canonical_metadata,
     describe_mismatch,
@@ -53,6 +58,16 @@ FILES_MANIFEST = "files.json"  # inside a step: size and sha256 of each of Orbax
 UNREADABLE_DIR = "unreadable"  # inside a checkpoint directory: steps that could not be restored, moved aside
 _REASON_CHARS = 200  # an Orbax/TensorStore error is cut to its first line and this many characters
 
+
+
+def checkpoint_location(directory: str | os.PathLike[str]) -> Any:
+    """A URL (``gs://...``) as an ``etils.epath.Path`` of exactly that URL, for Orbax to reach itself; anything else a
+    local path, made absolute (``pathlib.Path``)."""
+    if is_url(directory):
+        from etils import epath
+
+        return epath.Path(os.fspath(directory))
+    return Path(directory).absolute()
 
 
 class CheckpointError(ValueError):
@@ -139,7 +154,8 @@ class TrainCheckpointer:
     - saving a step that already exists is skipped (returns ``False``): after a resume, the state at that step is
       the one on disk.
 
-    Relative paths are resolved (Orbax needs absolute paths). Use as a context manager, or call :meth:`close`.
+    Relative paths are resolved (Orbax needs absolute paths); URLs go to Orbax as they are
+    (:func:`checkpoint_location`). Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -155,7 +171,8 @@ class TrainCheckpointer:
 
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
-        self.directory = Path(directory).absolute()
+        self.directory = checkpoint_location(directory)
+        self._remote = not isinstance(self.directory, Path)  # a URL: epath's file operations, no temporary files
         self.save_every = save_every
         self._async = async_save
         self.metadata = None if metadata is None else canonical_metadata(metadata)
@@ -209,15 +226,42 @@ class TrainCheckpointer:
             self._write_files_manifest(step)
         return saved
 
+    # -- this module's own file operations: local, or through etils.epath for a URL ---------------------------------
+    def _size(self, path: Any) -> int:
+        return int(path.stat().length) if self._remote else path.stat().st_size
+
+    def _sha256(self, path: Any) -> str:
+        if not self._remote:
+            return sha256_file(path)
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while block := handle.read(8 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def _write(self, path: Any, data: bytes) -> None:
+        if self._remote:
+            path.write_bytes(data)  # an object appears whole or not at all
+        else:
+            atomic_write_bytes(path, data)
+
+    def _files_under(self, root: Any) -> list[Any]:
+        if not self._remote:
+            return [path for path in root.rglob("*") if path.is_file()]
+        found = []  # epath refuses `**` (one request per object on GCS) and its fsspec walk drops the scheme
+        for child in root.iterdir():
+            found += self._files_under(child) if child.is_dir() else [child]
+        return found
+
     def _step_files(self, step: int) -> dict[str, list[Any]]:
         root = self.directory / str(step)
-        return {path.relative_to(root).as_posix(): [path.stat().st_size, sha256_file(path)]
-                for path in sorted(root.rglob("*"))
-                if path.is_file() and path.name != FILES_MANIFEST and not path.name.startswith(".")}
+        return {path.relative_to(root).as_posix(): [self._size(path), self._sha256(path)]
+                for path in sorted(self._files_under(root), key=str)
+                if path.name != FILES_MANIFEST and not path.name.startswith(".")}
 
     def _write_files_manifest(self, step: int) -> None:
-        atomic_write_bytes(self.directory / str(step) / FILES_MANIFEST,
-                           compact_json({"files": self._step_files(step)}).encode())
+        self._write(self.directory / str(step) / FILES_MANIFEST,
+                    compact_json({"files": self._step_files(step)}).encode())
 
     def _verify_files(self, step: int) -> None:
         """Compare the step's files with its manifest (a step saved asynchronously, or killed before the manifest
@@ -235,10 +279,10 @@ class TrainCheckpointer:
             path = root / name
             if not path.is_file():
                 raise CheckpointError(f"{where}: file {name} is missing")
-            actual = path.stat().st_size
+            actual = self._size(path)
             if actual != size:
                 raise CheckpointError(f"{where}: file {name} is {actual} bytes, {size} when saved (truncated?)")
-            if sha256_file(path) != sha:
+            if self._sha256(path) != sha:
                 raise CheckpointError(f"{where}: file {name} does not match its sha256 (altered)")
 
     def wait_until_finished(self) -> None:
@@ -316,7 +360,7 @@ class TrainCheckpointer:
         raise CheckpointError(f"no intact checkpoint in {self.directory} ({reasons}); delete {self.directory} to "
                               "start this run over")
 
-    def _move_aside(self, step: int) -> Path:
+    def _move_aside(self, step: int) -> Any:
         source = self.directory / str(step)
         target = self.directory / UNREADABLE_DIR / str(step)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +368,10 @@ class TrainCheckpointer:
         while target.exists():
             suffix += 1
             target = target.with_name(f"{step}-{suffix}")
-        os.replace(source, target)
+        if self._remote:
+            source.rename(target)
+        else:
+            os.replace(source, target)
         return target
 
     def stored_metadata(self, step: int) -> dict[str, Any]:

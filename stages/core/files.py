@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 _HASH_BLOCK = 8 << 20
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme, then ://
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
@@ -61,6 +63,12 @@ def temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """The temporary files an interrupted `atomic_path` of ``path`` may have left."""
     path = Path(path)
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """``gs://bucket/x``, ``s3://...``: a location that a library reaches by itself, not a local path (which
+    ``pathlib`` would also mangle: ``Path("gs://b/x")`` is ``gs:/b/x``)."""
+    return bool(_URL.match(os.fspath(location)))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
