@@ -129,7 +129,8 @@ def test_the_restore_leaves_a_fresh_clone_as_a_serial_repro_does(serial, tmp_pat
     workspace = clone(serial, tmp_path / "workspace")
     lines: list[str] = []
     times = restore_accepted(workspace, ORDER, accepted, lines.append)
-    assert set(times) == {"index", "fetch", "checkout", "lock"} and len(lines) == 4
+    assert set(times) == {"index", "fetch", "checkout", "lock"} and len(lines) == 5
+    assert lines[-1] == "# to git add: .gitignore dvc.lock out/.gitignore res/.gitignore"  # m.json at the root
     assert workspace_files(workspace) == workspace_files(serial)  # outputs, res/.gitignore, out/.gitignore, dvc.lock
     assert (workspace / "res" / ".gitignore").read_text() == "/a\n/b\n"
     assert status(workspace) == {}
@@ -170,6 +171,33 @@ def test_changed_outputs_are_replaced_and_a_partial_restore_touches_only_its_sta
     restore_accepted(workspace, ORDER, accepted)
     assert workspace_files(workspace) == workspace_files(serial)
     assert status(workspace) == {}
+
+
+def test_the_coordinator_checks_the_restored_stages_with_dvc_status(serial, tmp_path):
+    """cluster_repro.restore: clean for a partial restore (the stages not restored may differ), not clean when an
+    accepted entry does not match the workspace (here a param the workspace's params file does not have)."""
+    from stages.cluster_repro import restore
+
+    accepted = load_lock(serial / "dvc.lock")
+    workspace = clone(serial, tmp_path / "workspace")
+    with contextlib.chdir(workspace):
+        clean, log, times = restore(workspace, ["a", "d"], accepted, tmp_path / "partial.log")
+    assert clean, log
+    assert set(times) == {"index", "fetch", "checkout", "lock", "status", "total"}
+    assert status(workspace) != {} and "changed: none" in log  # b and c are not restored: not this restore's
+    wrong = {**accepted, "d": {**accepted["d"], "params": {"toy.yaml": {"other": 4}}}}
+    with contextlib.chdir(workspace):
+        clean, log, _ = restore(workspace, ORDER, wrong, tmp_path / "wrong.log")
+    assert not clean and '"d"' in log and "FAILED: dvc status" in log
+    assert (tmp_path / "wrong.log").read_text().strip() == log.strip()
+
+
+def test_core_autostage_is_honoured_as_dvc_repro_honours_it(serial, tmp_path):
+    workspace = clone(serial, tmp_path / "workspace")
+    dvc(workspace, "config", "core.autostage", "true")
+    restore_accepted(workspace, ORDER, load_lock(serial / "dvc.lock"))
+    staged = run(["git", "diff", "--cached", "--name-only"], workspace).stdout.split()
+    assert sorted(staged) == [".gitignore", "dvc.lock", "out/.gitignore", "res/.gitignore"]
 
 
 def test_data_missing_on_the_remote_fails_before_any_lock_is_written(serial, tmp_path):

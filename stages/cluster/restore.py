@@ -82,7 +82,9 @@ def restore_accepted(workspace: Path, names: list[str], accepted: dict[str, dict
 
     times: dict[str, float] = {}
     clock = time.perf_counter()
-    with contextlib.chdir(workspace), Repo(str(workspace)) as repo, repo.lock:
+    # repo.lock as dvc repro holds it; scm_context as around dvc repro: core.autostage honoured (the .gitignore files
+    # and dvc.lock staged), the .gitignore entries taken back if the restore fails
+    with contextlib.chdir(workspace), Repo(str(workspace)) as repo, repo.lock, repo.scm_context(quiet=True):
         by_name = {stage.addressing: stage for stage in repo.index.stages if isinstance(stage, PipelineStage)}
         missing = [name for name in names if name not in by_name]
         if missing:
@@ -130,6 +132,10 @@ def restore_accepted(workspace: Path, names: list[str], accepted: dict[str, dict
         text = lock_text(path.read_text(encoding="utf-8") if path.is_file() else None, entries)
         if text is not None:
             write_atomically(path, text)
+            repo.scm_context.track_file(LOCK)
         times["lock"] = time.perf_counter() - clock
         say(f"# {LOCK} {'written' if text is not None else 'already up to date'} in {times['lock']:.2f} s")
+        if repo.scm_context.files_to_track:
+            staged = "staged in git (core.autostage)" if repo.scm_context.autostage else "to git add"
+            say(f"# {staged}: {' '.join(sorted(repo.scm_context.files_to_track))}")
     return times
