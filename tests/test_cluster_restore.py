@@ -241,3 +241,37 @@ def test_the_entry_point_on_this_pipeline_equals_a_serial_repro(serial, tmp_path
     assert set(summary["restore_phases_s"]) == {"index", "fetch", "checkout", "lock", "status", "total"}
     assert workspace_files(workspace) == workspace_files(serial)
     assert status(workspace) == {}
+
+
+def test_upstream_outputs_are_git_ignored_in_dvc_repro_s_order_in_the_workers_too(tmp_path_factory):
+    """Two stages whose names sort against dvc repro's order (z_first runs before a_second) write into one folder,
+    which a third stage depends on: DVC's .gitignore there is part of the folder's hash, so the worker of the third
+    stage must write it in dvc repro's order (as the serial run and the final restore do), not by name."""
+    base = tmp_path_factory.mktemp("order")
+    stages = {
+        "z_first": {"cmd": "python make.py z_first", "deps": ["make.py"], "outs": ["res/z"]},
+        "a_second": {"cmd": "python make.py a_second res/z", "deps": ["make.py", "res/z"], "outs": ["res/a"]},
+        "folder": {"cmd": "python make.py folder res", "deps": ["make.py", "res"], "outs": ["out/folder.txt"]},
+    }
+    make = MAKE.replace('else:\n    Path("out")', 'elif name in ("z_first", "a_second"):\n'
+                        '    Path("res").mkdir(exist_ok=True)\n    Path("res", name[0]).write_text(value + "\\n")\n'
+                        'else:\n    Path("out")')
+    for name in ("serial", "workspace"):
+        repo = base / name
+        repo.mkdir()
+        (repo / "make.py").write_text(make)
+        shutil.copy2(ROOT / "params.yaml", repo / "params.yaml")
+        (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+        git(repo, "init", "-q")
+        dvc(repo, "init", "-q")
+        dvc(repo, "remote", "add", "-d", "shared", str(base / f"{name}-remote"))
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", "toy")
+    dvc(base / "serial", "repro")
+    assert (base / "serial" / "res" / ".gitignore").read_text() == "/z\n/a\n"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               RAY_TMPDIR=str(base / "ray"))
+    result = subprocess.run([sys.executable, "-m", "stages.cluster_repro", "--no-live", "--num-cpus", "2"],
+                            cwd=base / "workspace", env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert workspace_files(base / "workspace") == workspace_files(base / "serial")

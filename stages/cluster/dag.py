@@ -11,7 +11,7 @@ GPU_KINDS = ("prior", "reverse", "train")
 @dataclass
 class Dag:
     order: list[str]  # dvc repro's order (a topological order)
-    upstream: dict[str, list[str]]  # stage -> the stages it directly depends on
+    upstream: dict[str, list[str]]  # stage -> the stages it directly depends on, in dvc repro's order
     breakers: dict[str, str] = field(default_factory=dict)  # stage -> why the run-cache cannot carry it
 
     def ancestors(self, stage: str) -> list[str]:
@@ -49,8 +49,10 @@ def load_dag(workspace: Path, targets: list[str]) -> Dag:
                 continue  # a .dvc file: data, pushed by its owner, nothing to run
             name = names[stage]
             dag.order.append(name)
-            dag.upstream[name] = sorted(names[up] for up in graph.successors(stage)
-                                        if up in names and isinstance(up, PipelineStage))
+            # in dvc repro's order, not by name: the worker pulls and git-ignores them in this order, and DVC's
+            # .gitignore in a folder two of them write into is part of that folder's hash as a dependency
+            direct = {names[up] for up in graph.successors(stage) if up in names and isinstance(up, PipelineStage)}
+            dag.upstream[name] = [earlier for earlier in dag.order if earlier in direct]
             if stage.always_changed:
                 dag.breakers[name] = "always_changed: true (DVC keeps no run-cache entry for it)"
             for out in stage.outs:
