@@ -2,14 +2,21 @@
 
     python benchmarks/cluster_protocol.py overhead --stages 10 100   # per-stage reset/pull/push, final restore
     python benchmarks/cluster_protocol.py makespan --stages 200 --nodes 4 --slots 1
-    python benchmarks/cluster_protocol.py large --stages 1000 --s3     # restore and worker step at a size too large
-                                                                        # to run through the simulated cluster here
+    python benchmarks/cluster_protocol.py large --stages 10 100 200 1000 --s3   # the final restore before/after
+                                                                                 # and the worker step, at sizes too
+                                                                                 # large for the simulated cluster
 
-``overhead`` and ``makespan`` build a toy DVC repository of trivial stages (``python step.py``: sleep, then write a file derived from the
-deps), a DVC remote (a local folder, or ``--s3`` for moto's S3 server on 127.0.0.1) and a simulated Ray cluster
-(``ray.cluster_utils.Cluster``: a head without CPUs and ``--nodes`` worker nodes, each with its own clone pool), run
-the entry point against it and read the coordinator's ``summary.json``. ``makespan`` compares the measured makespan
-with the ideal: max(critical path, total work / slots). Prints Markdown tables.
+``overhead`` and ``makespan`` build a toy DVC repository of trivial stages (``python step.py``: sleep, then write a
+file derived from the deps), a DVC remote (a local folder, or ``--s3`` for moto's S3 server on 127.0.0.1) and a
+simulated Ray cluster (``ray.cluster_utils.Cluster``: a head without CPUs and ``--nodes`` worker nodes, each with its
+own clone pool), run the entry point against it and read the coordinator's ``summary.json``. ``makespan`` compares
+the measured makespan with the ideal: max(critical path, total work / slots). ``large`` builds the study serially
+(each stage's command, then one ``dvc commit --force``: the same dvc.lock and run-cache entries as ``dvc repro``,
+which itself rewrites dvc.lock after every stage and is too slow at 1,000 stages here), pushes it, and times in fresh
+clones the coordinator's final restore as it was (``dvc repro --pull``, stopped after ``--before-timeout``) and as
+it is (``cluster_repro.restore``: one pass, then ``dvc status``), both checked byte for byte against the build, then
+the worker step of the last ``--sample`` stages. Prints Markdown tables; times only, nothing asserted on them (the
+machine is shared). The figures measured are in the README ("Running the study on several machines").
 """
 
 from __future__ import annotations
@@ -172,36 +179,88 @@ def overhead(counts: list[int], use_s3: bool, nodes: int) -> None:
                   f"{summary['makespan_s']:.0f} | {summary['restore_s']:.1f} |", flush=True)
 
 
-def large(count: int, use_s3: bool, sample: int) -> None:
-    """A study too large to run through the simulated cluster here: ``count`` trivial stages built with a serial
-    ``dvc repro`` and pushed (data and run-cache), then (1) the coordinator's final restore, ``dvc repro --pull`` in a
-    fresh clone, timed (nothing may run), and (2) the worker step itself (``worker.run_stage``, no Ray) for the last
-    ``sample`` stages, their run-cache entries removed from the remote first so that they really run."""
+def build_serially(repo: Path, dag: dict, env: dict[str, str]) -> float:
+    """What a serial ``dvc repro`` + ``dvc push`` + ``dvc push --run-cache`` of the toy study leaves, built faster:
+    each stage's command run in order, then one ``dvc commit --force`` (which saves every run-cache entry and
+    writes dvc.lock once: byte-identical to ``dvc repro``'s, measured at 100 stages, where ``dvc repro`` itself
+    rewrites dvc.lock after every stage, which made 1,000 stages too slow to build here). Seconds."""
+    clock = time.perf_counter()
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for name in dag:  # random_dag's order is topological
+        subprocess.run(stages[name]["cmd"].split(), cwd=repo, env=env, check=True)
+    for command in (["commit", "--force", "--quiet"], ["push"], ["push", "--run-cache"]):
+        subprocess.run([sys.executable, "-m", "dvc", *command], cwd=repo, env=env, check=True, capture_output=True)
+    return time.perf_counter() - clock
+
+
+def workspace_bytes(repo: Path) -> dict[str, bytes]:
+    """dvc.lock, the outputs and DVC's .gitignore files of a toy study's workspace."""
+    return {p.relative_to(repo).as_posix(): p.read_bytes()
+            for p in [repo / "dvc.lock", *sorted((repo / "out").iterdir())] if p.is_file()}
+
+
+def old_restore(workspace: Path, env: dict[str, str], timeout: float) -> tuple[float, int, bool]:
+    """The coordinator's final restore before issue 11's fix, ``dvc repro --pull`` in the workspace: (seconds,
+    stages restored, finished within ``timeout``); none may run."""
+    clock = time.perf_counter()
+    log = workspace.parent / f"{workspace.name}-repro-pull.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--pull"], cwd=workspace, env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            code, finished = process.wait(timeout=timeout), True
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code, finished = process.wait(), False
+    seconds, text = time.perf_counter() - clock, log.read_text()
+    if "Running stage" in text or (finished and code != 0):
+        raise SystemExit(f"dvc repro --pull failed or ran stages:\n{text[-2000:]}")
+    return seconds, text.count("is cached - skipping run"), finished
+
+
+def large(count: int, use_s3: bool, sample: int, before_timeout: float) -> None:
+    """A study too large to run through the simulated cluster here: ``count`` trivial stages built serially and
+    pushed (data and run-cache), then (1) the coordinator's final restore in a fresh clone, before the fix (``dvc
+    repro --pull``, stopped after ``before_timeout`` s; 0: not run) and after it (``cluster_repro.restore``: one
+    pass, then ``dvc status``), each checked byte for byte against the built study, and (2) the worker step itself
+    (``worker.run_stage``, no Ray) for the last ``sample`` stages, their run-cache entries removed from the remote
+    first so that they really run: the protocol's cost per stage at that size."""
     from dvc.repo import Repo
     from dvc.stage.cache import _get_stage_hash
 
+    from stages.cluster.restore import load_lock
     from stages.cluster.worker import run_stage
+    from stages.cluster_repro import restore
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
         base = Path(tmp)
         with (s3_server() if use_s3 else _local_remote(base)) as remote:
+            # after s3_server(), which puts the S3 credentials into this process's environment
+            env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
             dag = random_dag(count, seed=0, sleep=(0.0, 0.0))
             make_toy_repo(base / "repo", dag, remote)
-            clock = time.perf_counter()
-            for command in (["repro"], ["push"], ["push", "--run-cache"]):
-                subprocess.run([sys.executable, "-m", "dvc", *command], cwd=base / "repo", env=env, check=True,
-                               capture_output=True)
-            serial = time.perf_counter() - clock
-            lock = yaml.safe_load((base / "repo" / "dvc.lock").read_text())["stages"]
-            subprocess.run(["git", "clone", "-q", str(base / "repo"), str(base / "restore")], check=True)
-            clock = time.perf_counter()
-            restored = subprocess.run([sys.executable, "-m", "dvc", "repro", "--pull"], cwd=base / "restore",
-                                      env=env, capture_output=True, text=True, check=False)
-            restore = time.perf_counter() - clock
-            ran = restored.stdout.count("Running stage")
-            if restored.returncode != 0 or ran:
-                raise SystemExit(f"the restore failed or ran {ran} stages: {restored.stderr[-2000:]}")
+            serial = build_serially(base / "repo", dag, env)
+            expected = workspace_bytes(base / "repo")
+            accepted = load_lock(base / "repo" / "dvc.lock")
+
+            before = "not run"
+            if before_timeout > 0:
+                subprocess.run(["git", "clone", "-q", str(base / "repo"), str(base / "before")], check=True)
+                seconds, restored, finished = old_restore(base / "before", env, before_timeout)
+                if finished:
+                    if workspace_bytes(base / "before") != expected:
+                        raise SystemExit("dvc repro --pull left another workspace than the serial build")
+                    before = f"{seconds:.1f} s"
+                else:
+                    before = f"> {seconds:.0f} s (stopped: {restored} of {count} stages restored by then)"
+            subprocess.run(["git", "clone", "-q", str(base / "repo"), str(base / "after")], check=True)
+            with chdir(base / "after"):  # as the coordinator runs it, from the workspace's root
+                clean, output, times = restore(base / "after", list(dag), accepted, base / "after-restore.log")
+            if not clean or workspace_bytes(base / "after") != expected:
+                raise SystemExit(f"the one-pass restore failed or left another workspace:\n{output[-2000:]}")
+            after = f"{times['total']:.1f} s (" + ", ".join(f"{k} {times[k]:.1f}" for k in
+                                                          ("index", "fetch", "checkout", "lock", "status")) + ")"
+
             names = list(dag)[-sample:]
             with chdir(base / "repo"), Repo(str(base / "repo")) as repo:  # their run-cache entries off the remote
                 odb = repo.cloud.get_remote_odb(None, "bench", hash_name="md5-dos2unix")
@@ -214,18 +273,16 @@ def large(count: int, use_s3: bool, sample: int) -> None:
             results = []
             for name in names:
                 spec = {"stage": name, "commit": commit, "git_url": str(base / "repo"), "clones": str(base / "clones"),
-                        "upstream": {up: lock[up] for up in dag[name][0]}, "checkpoints": None}
+                        "upstream": {up: accepted[up] for up in dag[name][0]}, "checkpoints": None}
                 clock = time.perf_counter()
                 result = run_stage(spec)
                 if result["status"] != "ran":
                     raise SystemExit(f"{name}: {result['status']} {result.get('error')}\n{result['log'][-2000:]}")
                 results.append((time.perf_counter() - clock, result["times"]))
     med = {k: statistics.median(t.get(k, 0.0) for _, t in results) for k in PHASES}
-    print(f"| {count} stages | serial dvc repro + push {serial:.0f} s | final restore (dvc repro --pull, fresh "
-          f"clone) {restore:.1f} s | worker step of the last {sample} (median s): "
+    print(f"| {count} | {serial:.0f} | {before} | {after} | "
           + ", ".join(f"{k} {v:.2f}" for k, v in med.items())
-          + f", whole {statistics.median(t for t, _ in results):.2f} (the first one includes the git clone) |",
-          flush=True)
+          + f", whole {statistics.median(t for t, _ in results[1:] or results):.2f} |", flush=True)
 
 
 @contextmanager
@@ -270,13 +327,19 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=1, help="tasks at once per node (its CPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--s3", action="store_true", help="moto's S3 server on 127.0.0.1 as the remote")
-    parser.add_argument("--sample", type=int, default=5, help="large: worker steps timed")
+    parser.add_argument("--sample", type=int, default=5, help="large: worker steps timed (the first one, which makes "
+                        "the git clone, is left out of the median of the whole step)")
+    parser.add_argument("--before-timeout", type=float, default=1800.0,
+                        help="large: stop the old restore (dvc repro --pull) after this many seconds; 0: skip it")
     args = parser.parse_args()
     if args.what == "overhead":
         overhead(args.stages, args.s3, args.nodes)
     elif args.what == "large":
+        print("| stages | serial build + push s | final restore before (dvc repro --pull) | final restore after "
+              "(one pass + dvc status), phases s | worker step of the last stages, median s |\n"
+              "| --- | --- | --- | --- | --- |", flush=True)
         for count in args.stages:
-            large(count, args.s3, args.sample)
+            large(count, args.s3, args.sample, args.before_timeout)
     else:
         makespan(args.stages, args.nodes, args.slots, args.seed, args.s3)
 
