@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Self, TypeVar
 import jax
 import numpy as np
 
-from stages.core.files import atomic_write_bytes, compact_json, is_url, sha256_file
+from stages.core.files import atomic_write_bytes, compact_json, is_url, sha256_file, stream_digest
 from stages.core.policy_file import (
     canonical_metadata,
     describe_mismatch,
@@ -233,11 +233,8 @@ class TrainCheckpointer:
     def _sha256(self, path: Any) -> str:
         if not self._remote:
             return sha256_file(path)
-        digest = hashlib.sha256()
         with path.open("rb") as handle:
-            while block := handle.read(8 << 20):
-                digest.update(block)
-        return digest.hexdigest()
+            return stream_digest(handle)
 
     def _write(self, path: Any, data: bytes) -> None:
         if self._remote:

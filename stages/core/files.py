@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 _HASH_BLOCK = 8 << 20
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme, then ://
@@ -77,13 +77,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def stream_digest(handle: BinaryIO, algorithm: str = "sha256") -> str:
+    """Hex digest of what an open binary file (a local file, or an ``etils.epath`` object) holds from its current
+    position, read in blocks (bounded memory)."""
+    digest = hashlib.new(algorithm)
+    while block := handle.read(_HASH_BLOCK):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
     """Hex digest of a file with a hashlib ``algorithm``, read in blocks (bounded memory)."""
-    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return stream_digest(f, algorithm)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
