@@ -24,11 +24,12 @@ the lock's entries must equal the accepted ones.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from stages.core.files import atomic_write_bytes
 
 LOCK = "dvc.lock"
 
@@ -60,15 +61,6 @@ def lock_text(existing: str | None, entries: dict[str, dict[str, Any]]) -> str |
             changed = True
             data["stages"][name] = entry
     return dumps_yaml(data) if changed or not existing else None
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def restore_accepted(workspace: Path, names: list[str], accepted: dict[str, dict[str, Any]],
@@ -131,7 +123,7 @@ def restore_accepted(workspace: Path, names: list[str], accepted: dict[str, dict
         path = workspace / LOCK
         text = lock_text(path.read_text(encoding="utf-8") if path.is_file() else None, entries)
         if text is not None:
-            write_atomically(path, text)
+            atomic_write_bytes(path, text.encode("utf-8"))
             repo.scm_context.track_file(LOCK)
         times["lock"] = time.perf_counter() - clock
         say(f"# {LOCK} {'written' if text is not None else 'already up to date'} in {times['lock']:.2f} s")
