@@ -1,6 +1,7 @@
 """OGBench's names: tasks, datasets, environments, and the rules that follow from an environment family.
 
-A task name is OGBench's singletask name `<family>-<dataset type>[-100m]-singletask[-task<k>]-v0`, e.g.
+A study names datasets (`cube-single-play-v0`) and task numbers (2); `task_name` is the one place that joins them
+into OGBench's singletask name `<family>-<dataset type>[-100m]-singletask-task<k>-v0`, e.g.
 `cube-single-play-singletask-task2-v0`: it trains on the dataset `cube-single-play-v0` and is evaluated in the
 environment `cube-single-singletask-task2-v0`. `puzzle-4x4-play-100m-singletask-task1-v0` trains on
 `puzzle-4x4-play-100m-v0`, a folder of 1M-transition files `puzzle-4x4-play-v0-000.npz`, ...
@@ -8,8 +9,8 @@ environment `cube-single-singletask-task2-v0`. `puzzle-4x4-play-100m-singletask-
 The family decides the rest: which dataset types OGBench publishes, whether the dataset was collected by trained
 expert policies (only downloadable), whether the raw files carry button states, and the reference's sparse-reward
 rule. The paper's tables name environments the short way (`cube-double`, `scene`, `puzzle-4x4-100m`): see
-`environment`. Everything here is pure string handling except `parse_task` and `resolve_env_id`, which check the
-name against the gymnasium ids OGBench registers.
+`environment`. Everything here is pure string handling except `parse_task`, `check_dataset`, `task_numbers` and
+`resolve_env_id`, which check names against the gymnasium ids OGBench registers.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ _TASK_RE = re.compile(
     rf"^{_FAMILY}(?:-(?P<size>[0-9]+[a-z]))?-singletask(?:-task(?P<task_id>[0-9]+))?-(?P<version>v[0-9]+)$"
 )
 _TASK_FORM = "<env>-<dataset type>[-100m]-singletask[-task<k>]-v0, e.g. cube-single-play-singletask-task2-v0"
-_DATASET_FORM = "<env>-<type>[-100m]-v0"
+_DATASET_FORM = "<env>-<type>[-100m]-v0, e.g. cube-single-play-v0"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ class DatasetSpec:
         return self.family.startswith(BUTTON_FAMILIES)
 
     @property
+    def default_env(self) -> str:
+        """Registered gymnasium id of the environment's default singletask env, e.g. `cube-single-singletask-v0`:
+        its spaces are those of every task of the dataset (what checking a dataset file without a task needs)."""
+        return f"{self.family}-singletask-{self.version}"
+
+    @property
     def preset_key(self) -> str:
         """The environment's key among the reference's per-environment settings, e.g. 'cube-double-play'."""
         return f"{self.family}-{self.dataset_type}"
@@ -134,6 +141,29 @@ def parse_dataset(dataset: str) -> DatasetSpec:
     return DatasetSpec(match["family"], match["dataset_type"], match["size"], match["version"])
 
 
+def _check_parts(name: str, family: str, dataset_type: str, size: str | None) -> None:
+    """The family, dataset type and size of a task or dataset name against what OGBench publishes."""
+    if family.startswith("visual-"):
+        raise ValueError(f"{name!r}: pixel-based (visual-*) tasks are not supported by this pipeline")
+    if family not in DATASET_TYPES:
+        raise ValueError(
+            f"{name!r}: unknown OGBench environment {family!r} (known: {', '.join(DATASET_TYPES)})"
+        )
+    if dataset_type not in DATASET_TYPES[family]:
+        allowed = ", ".join(DATASET_TYPES[family])
+        raise ValueError(
+            f"{name!r}: OGBench has no {dataset_type!r} dataset for {family} (it has: {allowed})"
+        )
+    if size is not None and size not in LARGE_SIZES:
+        raise ValueError(
+            f"{name!r}: unknown dataset size {size!r} (OGBench large datasets: {', '.join(LARGE_SIZES)})"
+        )
+    if size is not None and dataset_type not in MANIPULATION_TYPES:
+        raise ValueError(
+            f"{name!r}: OGBench has {size} datasets only for manipulation (play/noisy) environments"
+        )
+
+
 def split_task(task: str) -> TaskSpec:
     """The parts of a task name, checked against OGBench's families, dataset types and sizes (not its registry)."""
     if not isinstance(task, str):
@@ -141,28 +171,38 @@ def split_task(task: str) -> TaskSpec:
     match = _TASK_RE.match(task)
     if match is None:
         raise ValueError(f"not an OGBench singletask name {task!r}: expected {_TASK_FORM}")
-    family, dataset_type, size = match["family"], match["dataset_type"], match["size"]
-    if family.startswith("visual-"):
-        raise ValueError(f"{task!r}: pixel-based (visual-*) tasks are not supported by this pipeline")
-    if family not in DATASET_TYPES:
-        raise ValueError(
-            f"{task!r}: unknown OGBench environment {family!r} (known: {', '.join(DATASET_TYPES)})"
-        )
-    if dataset_type not in DATASET_TYPES[family]:
-        allowed = ", ".join(DATASET_TYPES[family])
-        raise ValueError(
-            f"{task!r}: OGBench has no {dataset_type!r} dataset for {family} (it has: {allowed})"
-        )
-    if size is not None and size not in LARGE_SIZES:
-        raise ValueError(
-            f"{task!r}: unknown dataset size {size!r} (OGBench large datasets: {', '.join(LARGE_SIZES)})"
-        )
-    if size is not None and dataset_type not in MANIPULATION_TYPES:
-        raise ValueError(
-            f"{task!r}: OGBench has {size} datasets only for manipulation (play/noisy) environments"
-        )
+    _check_parts(task, match["family"], match["dataset_type"], match["size"])
     task_id = int(match["task_id"]) if match["task_id"] is not None else None
-    return TaskSpec(family, dataset_type, size, match["version"], task=task, task_id=task_id)
+    return TaskSpec(match["family"], match["dataset_type"], match["size"], match["version"], task=task,
+                    task_id=task_id)
+
+
+@cache
+def check_dataset(dataset: str) -> DatasetSpec:
+    """Parse and check an OGBench dataset name (form, family, type, size, and that OGBench registers singletask
+    envs for it); ValueError with the reason when it is not one."""
+    spec = parse_dataset(dataset)
+    _check_parts(dataset, spec.family, spec.dataset_type, spec.size)
+    if not task_numbers(dataset):
+        raise ValueError(f"{dataset!r}: OGBench registers no singletask environment {spec.family}-singletask-task<k>")
+    return spec
+
+
+@cache
+def task_numbers(dataset: str) -> tuple[int, ...]:
+    """The singletask numbers OGBench registers for a dataset's environment, in order (1..5 for every family)."""
+    spec = parse_dataset(dataset)
+    pattern = re.compile(rf"^{re.escape(spec.family)}-singletask-task([0-9]+)-{re.escape(spec.version)}$")
+    return tuple(sorted(int(m[1]) for env in registered_env_ids() if (m := pattern.match(env))))
+
+
+def task_name(dataset: str, task: int) -> str:
+    """OGBench's singletask name of task number ``task`` of ``dataset`` (the one place that builds it):
+    (`cube-single-play-v0`, 2) -> `cube-single-play-singletask-task2-v0`; (`puzzle-4x4-play-100m-v0`, 1) ->
+    `puzzle-4x4-play-100m-singletask-task1-v0`. Form only: `check_dataset` and `task_numbers` check existence."""
+    spec = parse_dataset(dataset)
+    size = f"-{spec.size}" if spec.size else ""
+    return f"{spec.family}-{spec.dataset_type}{size}-singletask-task{int(task)}-{spec.version}"
 
 
 @cache
