@@ -14,6 +14,7 @@ from stages.core.ogbench_data import (
     check_raw_arrays,
     dataset_files,
     episode_lengths,
+    load_behaviour_data,
     load_training_data,
     make_task_env,
     read_npz,
@@ -30,7 +31,7 @@ from stages.core.ogbench_generate import (
     make_collection_env,
     recipe_for_dataset,
 )
-from stages.core.ogbench_names import env_for_task, large_dataset_stem
+from stages.core.ogbench_names import env_for_task, large_dataset_stem, parse_dataset, task_name
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*precision lowered by casting to float32")
 
@@ -201,6 +202,20 @@ def test_sparse_rewards_are_minus_one_unless_solved(dataset_dir):
     np.testing.assert_array_equal(sparse["rewards"], np.where(dense["rewards"] != 0, -1.0, 0.0))
     assert dense["rewards"].min() < -1  # puzzle rewards count unsolved buttons; sparse ones do not
     np.testing.assert_array_equal(sparsify_rewards(np.array([0.0, -3.0, -1.0])), [0.0, -1.0, -1.0])
+
+
+def test_behaviour_data_is_the_training_data_of_every_task_without_rewards(dataset_dir):
+    """What the BC prior and the reversal cache read (observations, actions, episode ends) is the same whatever the
+    task; without one, rewards are 0 and masks 1."""
+    _, dataset = CASES["puzzle"]
+    behaviour = load_behaviour_data(dataset_dir / f"{dataset}.npz", parse_dataset(dataset).default_env)
+    for number in (1, 4):
+        relabelled = load_training_data(dataset_dir / f"{dataset}.npz", env_name(task_name(dataset, number)),
+                                        sparse=True)
+        for key in ("observations", "actions", "terminals", "next_observations"):
+            np.testing.assert_array_equal(behaviour[key], relabelled[key], err_msg=key)
+    assert set(behaviour) == set(relabelled) and all(v.dtype == np.float32 for v in behaviour.values())
+    assert not behaviour["rewards"].any() and (behaviour["masks"] == 1).all()
 
 
 def test_large_datasets_stream_file_by_file(dataset_dir, tmp_path):

@@ -10,6 +10,9 @@ singletask relabelling (each episode's last raw row is dropped and becomes the p
 observations f32 (N, obs_dim), actions f32 (N, act_dim), rewards f32 (N,), masks f32 (N,) = 1 - task success,
 terminals f32 (N,) = 1.0 on each episode's last transition, next_observations f32 (N, obs_dim).
 
+`load_behaviour_data` is the same without a task (rewards 0, masks 1), for what reads no reward: the BC prior and
+the reversal cache, built once per dataset for all of its tasks.
+
 Large datasets (`*-100m-v0`) are folders of 1M-transition files `<stem>-NNN.npz` / `<stem>-NNN-val.npz`; training loads them one file at a time
 (`load_training_data` per file).
 """
@@ -358,17 +361,11 @@ def sparsify_rewards(rewards: np.ndarray) -> np.ndarray:
     return -(rewards != 0).astype(np.float32)
 
 
-def load_training_data(
-    path: str | Path, env_name: str, *, sparse: bool, env: Any = None
-) -> dict[str, np.ndarray]:
-    """One raw file as training data (module docstring), relabelled with OGBench's own loader and singletask
-    relabelling for `env_name` (e.g. `cube-single-singletask-task2-v0`); `env` reuses an already made env."""
-    from ogbench.relabel_utils import relabel_dataset
+def _checked_raw(path: Path, env_name: str, env: Any) -> dict[str, np.ndarray]:
+    """OGBench's non-compact loading of one raw file (next_observations added, each episode's last row dropped),
+    after a clear error for a missing, corrupt or malformed file (before OGBench's loader sees it)."""
     from ogbench.utils import load_dataset
 
-    path = Path(path)
-    env = env if env is not None else make_task_env(env_name)
-    # a clear error for a missing, corrupt or malformed file before OGBench's loader sees it
     arrays = read_npz(path)
     try:
         check_raw_arrays(arrays, obs_dim=_space_dim(env.observation_space),
@@ -379,15 +376,34 @@ def load_training_data(
     except ValueError as exc:
         raise DatasetFileError(f"{path}: {exc}") from None
     del arrays
-    raw = load_dataset(str(path), compact_dataset=False, add_info=True)
+    return load_dataset(str(path), compact_dataset=False, add_info=True)
+
+
+def _training_arrays(raw: Mapping[str, np.ndarray], rewards: np.ndarray,
+                     masks: np.ndarray) -> dict[str, np.ndarray]:
+    data = {"observations": raw["observations"], "actions": raw["actions"], "rewards": rewards, "masks": masks,
+            "terminals": raw["terminals"], "next_observations": raw["next_observations"]}  # fmt: skip
+    return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in data.items()}
+
+
+def load_training_data(
+    path: str | Path, env_name: str, *, sparse: bool, env: Any = None
+) -> dict[str, np.ndarray]:
+    """One raw file as training data (module docstring), relabelled with OGBench's own loader and singletask
+    relabelling for `env_name` (e.g. `cube-single-singletask-task2-v0`); `env` reuses an already made env."""
+    from ogbench.relabel_utils import relabel_dataset
+
+    env = env if env is not None else make_task_env(env_name)
+    raw = _checked_raw(Path(path), env_name, env)
     relabel_dataset(env_name, env, raw)
     rewards = raw["rewards"].astype(np.float32)
-    data = {
-        "observations": raw["observations"],
-        "actions": raw["actions"],
-        "rewards": sparsify_rewards(rewards) if sparse else rewards,
-        "masks": raw["masks"],
-        "terminals": raw["terminals"],
-        "next_observations": raw["next_observations"],
-    }
-    return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in data.items()}
+    return _training_arrays(raw, sparsify_rewards(rewards) if sparse else rewards, raw["masks"])
+
+
+def load_behaviour_data(path: str | Path, env_name: str) -> dict[str, np.ndarray]:
+    """One raw file as the training data of no task, for what reads only the behaviour (the BC prior and the
+    reversal cache: observations, actions and episode ends): OGBench's loader without relabelling, rewards 0 and
+    masks 1. ``env_name`` (any singletask env of the dataset, e.g. its default one) checks the file's shapes."""
+    raw = _checked_raw(Path(path), env_name, make_task_env(env_name))
+    n = raw["observations"].shape[0]
+    return _training_arrays(raw, np.zeros(n, np.float32), np.ones(n, np.float32))
