@@ -1,4 +1,7 @@
-"""From validated params to the agent that one (agent, task) run trains: algorithm, config, reversal mode.
+"""From validated params to the agent that one (agent, dataset) run trains: algorithm, config, reversal mode.
+
+The config depends on the dataset, not on the task: presets are per environment (stages.params.resolve_agent), so
+the runs of every task of a dataset, and its BC prior, share their settings.
 
 The run names and what each is: stages.agent_registry (the one table of agents).
 """
@@ -40,11 +43,11 @@ class RunSpec:
         return self.uses_cache
 
 
-def run_spec(params: Params, name: str, task: str, obs_dim: int, action_dim: int) -> RunSpec:
-    """The run of agent ``name`` on ``task`` (``obs_dim``/``action_dim`` from the task's dataset)."""
+def run_spec(params: Params, name: str, dataset: str, obs_dim: int, action_dim: int) -> RunSpec:
+    """The run of agent ``name`` on a task of ``dataset`` (``obs_dim``/``action_dim`` from the dataset)."""
     if name not in AGENTS:
         raise ValueError(f"unknown agent {name!r}; choose from {list(AGENT_NAMES)}")
-    agent, resolved = AGENTS[name], resolve_agent(params, task)
+    agent, resolved = AGENTS[name], resolve_agent(params, dataset)
     net = params.networks
     config = agents.load(agent.algorithm).Config(
         obs_dim=obs_dim, action_dim=action_dim, h=resolved.h, flow_steps=params.flow.steps,
@@ -56,9 +59,9 @@ def run_spec(params: Params, name: str, task: str, obs_dim: int, action_dim: int
                    refresh_every=refresh_every)  # fmt: skip
 
 
-def prior_config(params: Params, task: str, obs_dim: int, action_dim: int) -> Any:
-    """The BC-flow config of the task's reversal prior: the RQL actor's shape, flow-matching loss only."""
-    return run_spec(params, "bc_flow", task, obs_dim, action_dim).config
+def prior_config(params: Params, dataset: str, obs_dim: int, action_dim: int) -> Any:
+    """The BC-flow config of the dataset's reversal prior: the RQL actor's shape, flow-matching loss only."""
+    return run_spec(params, "bc_flow", dataset, obs_dim, action_dim).config
 
 
 def make_policy(algorithm: str, config: Any, policy_params: Any):

@@ -68,26 +68,36 @@ def enable_compilation_cache(jax) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def check_dataset_arg(dataset: str, params) -> None:
+    """A stage's ``--dataset`` must be one of params.yaml's datasets."""
+    if dataset not in params.datasets:
+        raise ValueError(f"dataset {dataset!r} is not in params.yaml datasets {params.datasets}")
+
+
 def stage_args(module: str, doc: str, argv: list[str], *, per_run: bool):
-    """Parse a stage's arguments (``--task``, with ``per_run`` also ``--agent`` and ``--seed``), load the params
-    and check that the task (and run) is configured. Returns ``(args, params)``."""
+    """Parse a stage's arguments (``--dataset``, with ``per_run`` also ``--agent``, ``--task`` (a task number) and
+    ``--seed``), load the params and check that the dataset (and run) is configured. Returns ``(args, params)``;
+    per run, ``args.task_name`` is the task's OGBench singletask name."""
+    from stages.core.ogbench_names import task_name
     from stages.params import load_params
 
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().split("\n")[0])
     if per_run:
         parser.add_argument("--agent", required=True)
-    parser.add_argument("--task", required=True)
+    parser.add_argument("--dataset", required=True)
     if per_run:
+        parser.add_argument("--task", required=True, type=int, help="a task number of params.yaml's tasks")
         parser.add_argument("--seed", required=True, type=int)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    if args.task not in params.tasks:
-        raise ValueError(f"task {args.task!r} is not in params.yaml tasks {params.tasks}")
-    if per_run and (args.agent not in params.agents.runs or args.seed not in params.seeds):
-        raise ValueError(f"run ({args.agent}, seed {args.seed}) is not in params.yaml "
-                         f"(agents {params.agents.runs}, seeds {params.seeds})")
+    check_dataset_arg(args.dataset, params)
+    if per_run:
+        if args.agent not in params.agents.runs or args.task not in params.tasks or args.seed not in params.seeds:
+            raise ValueError(f"run ({args.agent}, task {args.task}, seed {args.seed}) is not in params.yaml "
+                             f"(agents {params.agents.runs}, tasks {params.tasks}, seeds {params.seeds})")
+        args.task_name = task_name(args.dataset, args.task)
     return args, params
 
 

@@ -1,9 +1,12 @@
-"""The params.yaml schema (pydantic) and the settings it resolves to per task.
+"""The params.yaml schema (pydantic) and the settings it resolves to per dataset.
 
-`load_params()` validates the whole file before any work starts: unknown keys, unknown task names (OGBench's
-singletask names, `stages.core.ogbench_names`), zero or negative sizes and inconsistent settings raise one
-`ParamsError` whose message names every offending key. `resolve_agent` merges the explicit `agent` values over the
-task's per-environment preset (`stages.core.presets`).
+A study is `datasets` (OGBench dataset names) x `tasks` (singletask numbers): every number on every dataset
+(`Params.study_tasks`). `load_params()` validates the whole file before any work starts: unknown keys, unknown
+datasets, task numbers a dataset does not have (`stages.core.ogbench_names`), duplicates, zero or negative sizes and
+inconsistent settings raise one `ParamsError` whose message names every offending key and value. `resolve_agent`
+merges the explicit `agent` values over the dataset's per-environment preset (`stages.core.presets`); presets are
+per dataset, so every task of a dataset resolves to the same settings, and its one BC prior and reversal cache
+(built with those settings) serve all of its tasks.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -29,8 +32,8 @@ from pydantic import (
 
 from stages.agent_registry import AGENTS, groups
 from stages.core import bounds
-from stages.core.ogbench_names import parse_task
-from stages.core.presets import PRESET_NAMES, named_preset, preset_for_task
+from stages.core.ogbench_names import check_dataset, parse_dataset, task_name, task_numbers
+from stages.core.presets import PRESET_NAMES, named_preset, preset_for_dataset
 from stages.core.schedule import schedule_problems
 
 
@@ -76,9 +79,9 @@ def _auto_or_bool(value: Any) -> Any:
 AutoOrBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
 
 
-def _check_task_name(task: str) -> str:
-    parse_task(task)  # ValueError -> reported at tasks[i]
-    return task
+def _check_dataset_name(dataset: str) -> str:
+    check_dataset(dataset)  # ValueError -> reported at datasets[i]
+    return dataset
 
 
 def _check_preset_name(name: str) -> str:
@@ -95,7 +98,7 @@ def _unique(values: list) -> list:
     return values
 
 
-TaskName = Annotated[str, Strict(), AfterValidator(_check_task_name)]
+DatasetName = Annotated[str, Strict(), AfterValidator(_check_dataset_name)]
 LayerSizes = Annotated[list[PositiveInt], Field(min_length=1)]
 
 
@@ -113,7 +116,7 @@ class DataParams(_Section):
     val_episodes: PositiveInt | None  # None: max(1, episodes // 10)
     workers: PositiveInt  # generation processes
     seed: NonNegativeInt
-    sparse: AutoOrBool  # auto: the task's environment preset
+    sparse: AutoOrBool  # auto: the dataset's environment preset
     episode_steps: _int(ge=2) | None = (
         None  # None: OGBench's length (1001 for manipulation and pointmaze navigate)
     )
@@ -155,7 +158,7 @@ class _AgentsGroups(_Section):
         return self
 
 
-# What trains on every task x seed, by pipeline stage: one list per group of stages.agent_registry, each holding
+# What trains on every dataset x task x seed, by pipeline stage: one list per group of stages.agent_registry, each holding
 # some of the group's run names ([] skips the group), so that each stage declares exactly the params it reads.
 AgentsParams = create_model(
     "AgentsParams",
@@ -166,7 +169,7 @@ AgentsParams = create_model(
 
 class AgentParams(_Section):
     preset: Annotated[str, Strict(), AfterValidator(_check_preset_name)]
-    # Bounds shared with the agent configs (stages.core.bounds); null: the task's preset value
+    # Bounds shared with the agent configs (stages.core.bounds); null: the dataset's preset value
     alpha: _float(**bounds.BC_WEIGHT.field()) | None
     expectile: _float(**bounds.EXPECTILE.field()) | None
     rho: _float(**bounds.PESSIMISM.field()) | None
@@ -227,10 +230,23 @@ class ClusterParams(_Section):
     retries: NonNegativeInt  # retries of a task whose process or node died (a stage that fails is not retried)
 
 
+class StudyTask(NamedTuple):
+    """One task of the study: task number ``number`` of ``dataset``."""
+
+    dataset: str
+    number: int
+
+    @property
+    def name(self) -> str:
+        """OGBench's singletask name, e.g. `cube-single-play-singletask-task2-v0`."""
+        return task_name(self.dataset, self.number)
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
-    tasks: Annotated[list[TaskName], Field(min_length=1)]
+    datasets: Annotated[list[DatasetName], Field(min_length=1)]  # OGBench dataset names, e.g. cube-single-play-v0
+    tasks: Annotated[list[_int(ge=1)], Field(min_length=1)]  # singletask numbers, on every dataset
     seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
     agents: AgentsParams
     data: DataParams
@@ -244,7 +260,12 @@ class Params(_Section):
     evaluate: EvaluateParams
     cluster: ClusterParams
 
-    _no_duplicates = field_validator("tasks", "seeds")(_unique)
+    _no_duplicates = field_validator("datasets", "tasks", "seeds")(_unique)
+
+    @property
+    def study_tasks(self) -> list[StudyTask]:
+        """Every task of the study: each dataset with each task number, dataset by dataset."""
+        return [StudyTask(dataset, number) for dataset in self.datasets for number in self.tasks]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,7 +275,7 @@ class Params(_Section):
 
 @dataclass(frozen=True)
 class ResolvedAgent:
-    """Effective agent settings for one task: explicit `agent` values over the preset's."""
+    """Effective agent settings for the tasks of one dataset: explicit `agent` values over the preset's."""
 
     preset: str
     alpha: float
@@ -266,21 +287,22 @@ class ResolvedAgent:
     batch_size: int
     tau: float
     ema: float
-    sparse: bool  # effective data.sparse for this task
+    sparse: bool  # effective data.sparse for this dataset's tasks
 
 
-def resolve_sparse(params: Params, task: str) -> bool:
-    """`data.sparse` for a task: explicit true/false, or (auto) its environment preset's flag."""
+def resolve_sparse(params: Params, dataset: str) -> bool:
+    """`data.sparse` for the tasks of a dataset: explicit true/false, or (auto) its environment preset's flag."""
     if isinstance(params.data.sparse, bool):
         return params.data.sparse
-    return preset_for_task(task)[1].sparse
+    return preset_for_dataset(dataset)[1].sparse
 
 
-def resolve_agent(params: Params, task: str) -> ResolvedAgent:
-    """Effective agent settings for `task`. `agent.preset: auto` uses the task's environment preset, a named preset
-    is used for every task; `null` values in `agent` come from the preset, explicit values override."""
+def resolve_agent(params: Params, dataset: str) -> ResolvedAgent:
+    """Effective agent settings for the tasks of `dataset` (the same for all of them: presets are per environment).
+    `agent.preset: auto` uses the dataset's environment preset, a named preset is used for every dataset; `null`
+    values in `agent` come from the preset, explicit values override."""
     agent = params.agent
-    name, preset = preset_for_task(task) if agent.preset == "auto" else named_preset(agent.preset)
+    name, preset = preset_for_dataset(dataset) if agent.preset == "auto" else named_preset(agent.preset)
 
     def pick(field: str) -> Any:
         value = getattr(agent, field)
@@ -297,7 +319,7 @@ def resolve_agent(params: Params, task: str) -> ResolvedAgent:
         batch_size=agent.batch_size,
         tau=agent.tau,
         ema=agent.ema,
-        sparse=resolve_sparse(params, task),
+        sparse=resolve_sparse(params, dataset),
     )
 
 
@@ -345,19 +367,25 @@ def consistency_errors(params: Params) -> list[str]:
             f"evaluate.workers: more env worker processes than environments "
             f"(got workers={params.evaluate.workers} > envs={params.evaluate.envs})"
         )
-    for i, task in enumerate(params.tasks):
-        spec = parse_task(task)
-        if spec.needs_expert_weights and not data.wants_download:
+    for i, dataset in enumerate(params.datasets):
+        numbers = task_numbers(dataset)
+        for j, number in enumerate(params.tasks):
+            if number not in numbers:
+                errors.append(
+                    f"tasks[{j}]: task {number} does not exist for datasets[{i}] ({dataset}): OGBench registers "
+                    f"tasks {', '.join(map(str, numbers))} for it"
+                )
+        if parse_dataset(dataset).needs_expert_weights and not data.wants_download:
             errors.append(
-                f"data: {spec.dataset} (tasks[{i}], {task}) cannot be generated here: OGBench made it with expert "
+                f"data: {dataset} (datasets[{i}]) cannot be generated here: OGBench made it with expert "
                 f"policies whose weights are only on the OGBench server; download it (data.episodes: null, "
                 f"source: auto or download)"
             )
-        h = resolve_agent(params, task).h
+        h = resolve_agent(params, dataset).h
         if data.episode_steps is not None and data.episode_steps - 1 < h:
             errors.append(
                 f"data.episode_steps: episodes of {data.episode_steps} rows hold {data.episode_steps - 1} "
-                f"transitions, fewer than the action chunk h={h} of tasks[{i}] ({task})"
+                f"transitions, fewer than the action chunk h={h} of datasets[{i}] ({dataset})"
             )
     return errors
 
@@ -380,7 +408,7 @@ def consistency_warnings(params: Params) -> list[str]:
 
 
 def _key_path(loc: tuple) -> str:
-    """'data.episodes', 'tasks[0]': the params.yaml key of a pydantic error location (union/validator tags dropped)."""
+    """'data.episodes', 'datasets[0]': the params.yaml key of a pydantic error location (union/validator tags dropped)."""
     model: type[BaseModel] | None = Params
     path = ""
     for part in loc:

@@ -50,15 +50,18 @@ def write_report(params, params_path: Path, staging: Path) -> dict:
     from stages.core.report_page import render_html, render_markdown
     from stages.core.study_tables import build_summary
 
-    runs = [study_results.Run(agent, task, seed, layout.eval_json(agent, task, seed), layout.run_dir(agent, task, seed))
-            for agent in params.agents.runs for task in params.tasks for seed in params.seeds]  # fmt: skip
+    tasks = params.study_tasks
+    runs = [study_results.Run(agent, task.name, seed, layout.eval_json(agent, *task, seed),
+                              layout.run_dir(agent, *task, seed))
+            for agent in params.agents.runs for task in tasks for seed in params.seeds]  # fmt: skip
     results = study_results.collect(runs)
-    agents, task, seed = list(params.agents.runs), params.tasks[0], params.seeds[0]
-    gifs = {agent: layout.eval_gif(agent, task, seed) for agent in agents}
-    sections = report_content.sections(results, agents, params.tasks, params.seeds, gifs, params_path.read_text(),
-                                       staging / "figures")  # fmt: skip
-    subtitle = (f"{len(params.tasks)} task(s) x {len(params.seeds)} seed(s) x agents {', '.join(agents)}; "
-                f"{params.train.steps} training steps; {params.evaluate.episodes} evaluation episodes per run.")
+    agents, first, seed = list(params.agents.runs), tasks[0], params.seeds[0]
+    gifs = {agent: layout.eval_gif(agent, *first, seed) for agent in agents}
+    sections = report_content.sections(results, agents, [task.name for task in tasks], params.seeds, gifs,
+                                       params_path.read_text(), staging / "figures")  # fmt: skip
+    subtitle = (f"{len(params.datasets)} dataset(s) x {len(params.tasks)} task(s) x {len(params.seeds)} seed(s) x "
+                f"agents {', '.join(agents)}; {params.train.steps} training steps; {params.evaluate.episodes} "
+                f"evaluation episodes per run.")
     (staging / "index.html").write_text(render_html(TITLE, subtitle, sections))
     (staging / "index.md").write_text(render_markdown(TITLE, subtitle, sections, staging))
     return build_summary(results.evals)

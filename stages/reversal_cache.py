@@ -1,4 +1,4 @@
-"""The reversal cache as the train stage uses it: the task's prior, the shards read back, drift and refresh."""
+"""The reversal cache as the train stage uses it: the dataset's prior, the shards read back, drift and refresh."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from stages.core.files import sha256_file
 
 log = logging.getLogger(__name__)
 PRIOR_FILE = "policy.msgpack"
-REBUILD_HINT = "rebuild it with `dvc repro reverse` (or `dvc pull` the matching one)"
+REBUILD_HINT = "rebuild it with `dvc repro reverse@{dataset}` (or `dvc pull` the matching one)"
 
 
 @dataclass(frozen=True)
 class Prior:
-    """The task's BC flow prior: actor params and the sha256 of its export."""
+    """The dataset's BC flow prior: actor params and the sha256 of its export."""
 
     params: Any
     sha256: str
@@ -34,24 +34,24 @@ def actor_template(config) -> Any:
     return jax.eval_shape(lambda key: init_velocity(make_actor(config), config, key), jax.random.PRNGKey(0))
 
 
-def load_prior(task: str, config) -> Prior:
-    """Read ``data/priors/<task>/policy.msgpack``, checked against the actor shape ``config`` describes."""
-    path = layout.prior_dir(task) / PRIOR_FILE
+def load_prior(dataset: str, config) -> Prior:
+    """Read ``data/priors/<dataset>/policy.msgpack``, checked against the actor shape ``config`` describes."""
+    path = layout.prior_dir(dataset) / PRIOR_FILE
     loaded = policy_file.load_policy(path, template=actor_template(config))
     digest = sha256_file(path)
     return Prior(params=jax.tree_util.tree_map(jnp.asarray, loaded.params), sha256=digest)
 
 
-def load_cache(task: str, config, dataset_sha256: str, prior_sha256: str) -> tuple[np.ndarray, dict]:
-    """The task's reversal cache as (N, F + 1, h*d), checked against the dataset and prior in use, and a summary
-    of its round-trip errors (method, rows, quantiles and a log-spaced histogram) for the report."""
-    directory = layout.reversed_dir(task)
+def load_cache(dataset: str, config, dataset_sha256: str, prior_sha256: str) -> tuple[np.ndarray, dict]:
+    """The dataset's reversal cache as (N, F + 1, h*d), checked against the dataset file and prior in use, and a
+    summary of its round-trip errors (method, rows, quantiles and a log-spaced histogram) for the report."""
+    directory, hint = layout.reversed_dir(dataset), REBUILD_HINT.format(dataset=dataset)
     cache = shards.read_cache(
         directory, inputs={"dataset": dataset_sha256, "prior": prior_sha256}, F=config.flow_steps, h=config.h,
-        d=config.action_dim, rebuild_hint=REBUILD_HINT,
+        d=config.action_dim, rebuild_hint=hint,
     )
     if not np.array_equal(cache.rows, np.arange(cache.rows.size)):
-        raise shards.ShardCacheError(f"{directory}: rows are not 0..N-1 in order: {REBUILD_HINT}")
+        raise shards.ShardCacheError(f"{directory}: rows are not 0..N-1 in order: {hint}")
     summary = roundtrip_summary(cache.roundtrip_error, cache.manifest.method)
     log.info("read the reversal cache %s: %d rows (%s, max round-trip error %.2e)", directory, cache.rows.size,
              cache.manifest.method, summary["max"])

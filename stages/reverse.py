@@ -1,6 +1,9 @@
-"""Stage ``reverse``: every chunk of the task's dataset reversed through its prior -> Parquet shards + manifest.
+"""Stage ``reverse``: every chunk of a dataset reversed through its prior -> Parquet shards + manifest.
 
-    python -m stages.reverse --task cube-single-play-singletask-task2-v0
+    python -m stages.reverse --dataset cube-single-play-v0
+
+One cache per dataset (``data/reversed/<dataset>/``), shared by the cached runs of all of its tasks: the reversal
+reads observations and actions only, no reward.
 
 Row i holds the virtual trajectory x_0 .. x_F of the chunk starting at dataset row i (``reverse.method``: ``exact``
 fixed-point inverse of the sampler's Euler step, or the reference's ``euler`` backward step) and its round-trip
@@ -24,14 +27,14 @@ def main(argv: list[str]) -> None:
     from stages import reversal_cache
     from stages.agent_setup import prior_config
     from stages.core import batches, cache_build, shards
-    from stages.task_data import load_task_data
+    from stages.task_data import load_dataset_data
 
-    data = load_task_data(params, args.task)
-    config = prior_config(params, args.task, data.obs_dim, data.action_dim)
-    prior = reversal_cache.load_prior(args.task, config)
+    data = load_dataset_data(args.dataset)
+    config = prior_config(params, args.dataset, data.obs_dim, data.action_dim)
+    prior = reversal_cache.load_prior(args.dataset, config)
     r = params.reverse
     device_data = batches.to_device(data.arrays)
-    log.info("reversing %d chunks of %s through its prior (%s, F=%d, h=%d) on %s", data.size, args.task, r.method,
+    log.info("reversing %d chunks of %s through its prior (%s, F=%d, h=%d) on %s", data.size, args.dataset, r.method,
              config.flow_steps, config.h, platform)
     residual_max = 0.0
 
@@ -45,7 +48,7 @@ def main(argv: list[str]) -> None:
 
     started = time.perf_counter()
     manifest = shards.write_cache(
-        layout.reversed_dir(args.task), reversed_rows(), F=config.flow_steps, h=config.h, d=config.action_dim,
+        layout.reversed_dir(args.dataset), reversed_rows(), F=config.flow_steps, h=config.h, d=config.action_dim,
         method=r.method, inputs={"dataset": data.sha256, "prior": prior.sha256}, shard_rows=r.shard_rows,
         extra={"iterations": r.iterations, "tolerance": r.tolerance}, progress=not args.no_progress,
         total_rows=data.size, overwrite=True,

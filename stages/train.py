@@ -1,8 +1,10 @@
-"""Stage ``train``: one (agent, task, seed) run -> exported policy, dvclive metrics, summary.
+"""Stage ``train``: one (agent, dataset, task number, seed) run -> exported policy, dvclive metrics, summary.
 
-    python -m stages.train --agent rql --task cube-single-play-singletask-task2-v0 --seed 0
+    python -m stages.train --agent rql --dataset cube-single-play-v0 --task 2 --seed 0
 
-Orbax checkpoints go to ``data/checkpoints/<agent>/<task>/seed<k>/<fingerprint>/`` (not a DVC output, so DVC never
+It trains on task 2 of the dataset (OGBench's ``cube-single-play-singletask-task2-v0``); cached runs read the
+dataset's prior and reversal cache, which all of its tasks share. Orbax checkpoints go to
+``data/checkpoints/<agent>/<dataset>/task<k>/seed<s>/<fingerprint>/`` (not a DVC output, so DVC never
 deletes them): rerunning an interrupted stage resumes from the newest intact one and ends with the same parameters
 and the same learning curves as an uninterrupted run (the metric history is saved with each checkpoint). The
 fingerprint covers everything the run depends on, so changed params start afresh. ``RQL_CHECKPOINTS`` (an absolute
@@ -39,23 +41,23 @@ def main(argv: list[str]) -> None:
     from stages.core import batches, checkpoints, policy_file, training_loop
     from stages.task_data import dataset_fingerprint, load_task_data, training_files
 
-    t = params.train
-    out = layout.run_dir(args.agent, args.task, args.seed)
+    t, task, dataset = params.train, args.task_name, args.dataset
+    out = layout.run_dir(args.agent, dataset, args.task, args.seed)
     training.remove_outputs(out)  # before anything can fail: no old summary beside a new policy, no stale curves
-    files = training_files(args.task)
-    data = load_task_data(params, args.task)
-    spec = run_spec(params, args.agent, args.task, data.obs_dim, data.action_dim)
+    files = training_files(dataset)
+    data = load_task_data(params, task)
+    spec = run_spec(params, args.agent, dataset, data.obs_dim, data.action_dim)
     config, module = spec.config, spec.module
     streaming = len(files) > 1 and not spec.uses_cache  # cached runs train on the file the cache was built from
-    log.info("run %s on %s, seed %d, %s: %s", args.agent, args.task, args.seed, platform, config)
+    log.info("run %s on %s, seed %d, %s: %s", args.agent, task, args.seed, platform, config)
     if streaming:
         log.info("%d dataset files: the next one every %d steps", len(files), t.dataset_swap_every)
 
-    inputs = {"dataset": dataset_fingerprint(args.task) if streaming else data.sha256}
+    inputs = {"dataset": dataset_fingerprint(dataset) if streaming else data.sha256}
     cache = prior = cache_summary = None
     if spec.uses_cache:
-        prior = reversal_cache.load_prior(args.task, config)
-        cache, cache_summary = reversal_cache.load_cache(args.task, config, data.sha256, prior.sha256)
+        prior = reversal_cache.load_prior(dataset, config)
+        cache, cache_summary = reversal_cache.load_cache(dataset, config, data.sha256, prior.sha256)
         inputs["prior"] = prior.sha256
     device_data = batches.to_device(data.arrays, reversal=cache)
     del cache
@@ -68,10 +70,10 @@ def main(argv: list[str]) -> None:
         checkpoint_every=t.checkpoint_every, eval_every=t.eval_every, refresh_every=spec.refresh_every,
         swap_every=t.dataset_swap_every if streaming else 0,
     )  # fmt: skip
-    identity = {"agent": args.agent, "task": args.task, "seed": args.seed, "config": dataclasses.asdict(config),
+    identity = {"agent": args.agent, "task": task, "seed": args.seed, "config": dataclasses.asdict(config),
                 "schedule": dataclasses.asdict(schedule), "inputs": inputs,
                 "checkpoint_format": training.CHECKPOINT_FORMAT}  # fmt: skip
-    directory = training.checkpoint_dir(args.agent, args.task, args.seed, identity)
+    directory = training.checkpoint_dir(args.agent, dataset, args.task, args.seed, identity)
     out.mkdir(parents=True, exist_ok=True)
 
     update = module.make_update(config, t.updates_per_call)
@@ -79,19 +81,19 @@ def main(argv: list[str]) -> None:
     with checkpoints.TrainCheckpointer(directory, save_every=t.checkpoint_every,
                                        metadata={"fingerprint": directory.name}) as checkpointer:  # fmt: skip
         state, start_step, history = training.resume(checkpointer, state)
-        hooks = training.Hooks(params, args.task, args.seed, spec, files, device_data, history)
+        hooks = training.Hooks(params, task, args.seed, spec, files, device_data, history)
         try:
             if streaming and start_step:
                 device_data = hooks.swap(start_step, device_data)
             state = training_loop.run(
                 state, device_data, update, schedule, start_step=start_step, checkpointer=checkpointer,
-                eval_at_end=False, progress=not args.no_progress, description=f"{args.agent} {args.task} s{args.seed}",
+                eval_at_end=False, progress=not args.no_progress, description=f"{args.agent} {task} s{args.seed}",
                 **hooks.loop_hooks(),
             )  # fmt: skip
         except training_loop.NonFiniteLossError as exc:
-            cache_note = f" with the reversal cache {layout.reversed_dir(args.task)}" if spec.uses_cache else ""
+            cache_note = f" with the reversal cache {layout.reversed_dir(dataset)}" if spec.uses_cache else ""
             raise training_loop.NonFiniteLossError(
-                f"run {args.agent}/{args.task}/seed{args.seed} (outputs {out}, trained on "
+                f"run {args.agent}/{task}/seed{args.seed} (outputs {out}, trained on "
                 f"{hooks.trained_on(exc, data.path)}{cache_note}): {exc}",
                 metric=exc.metric, first_step=exc.first_step, last_step=exc.last_step,
             ) from exc  # fmt: skip
@@ -101,12 +103,12 @@ def main(argv: list[str]) -> None:
     trained = t.steps - start_step
 
     training.write_live(out / "live", history.rows)
-    metadata = {"agent": args.agent, "algorithm": spec.algorithm, "task": args.task, "seed": args.seed,
+    metadata = {"agent": args.agent, "algorithm": spec.algorithm, "task": task, "seed": args.seed,
                 "steps": t.steps, "config": dataclasses.asdict(config), "inputs": inputs}  # fmt: skip
     policy = jax.device_get(module.policy_params(state))
     digest = policy_file.save_policy(out / "policy.msgpack", policy, metadata)
     cli.write_json(out / "summary.json", {
-        "agent": args.agent, "task": args.task, "seed": args.seed, "steps": t.steps, "platform": platform,
+        "agent": args.agent, "task": task, "seed": args.seed, "steps": t.steps, "platform": platform,
         "reversal": spec.reversal, "refresh_every": spec.refresh_every, "resumed_from": start_step,
         "wall_time_s": round(elapsed, 3), "steps_per_second": round(trained / elapsed, 3) if trained else None,
         "cache": cache_summary, "policy_sha256": digest,

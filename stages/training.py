@@ -68,11 +68,11 @@ def write_live(target: Path, rows: list) -> None:
         raise
 
 
-def checkpoint_dir(agent: str, task: str, seed: int, identity: dict) -> Any:
+def checkpoint_dir(agent: str, dataset: str, task: int, seed: int, identity: dict) -> Any:
     """The run's checkpoint folder, named by the fingerprint of ``identity``; under data/checkpoints the folders of
     other settings are removed (a shared location, $RQL_CHECKPOINTS, may hold other studies' runs in progress).
     A ``pathlib.Path``, or an ``etils.epath.Path`` of the URL under a ``gs://`` $RQL_CHECKPOINTS."""
-    run_key, root = fingerprint(identity), layout.checkpoint_root(agent, task, seed)
+    run_key, root = fingerprint(identity), layout.checkpoint_root(agent, dataset, task, seed)
     for stale in root.glob("*") if not layout.shared_checkpoints() and root.exists() else []:  # (no URL asked)
         if stale.name != run_key:
             log.info("removing checkpoints of other settings: %s", stale)

@@ -1,4 +1,4 @@
-"""From params to runs: each agent name gets its algorithm, reversal mode and the task's preset settings."""
+"""From params to runs: each agent name gets its algorithm, reversal mode and the dataset's preset settings."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import yaml
 from stages.agent_setup import AGENT_NAMES, config_from_metadata, run_spec
 from stages.params import validate_params
 
-CUBE = "cube-single-play-singletask-task2-v0"
-SCENE = "scene-play-singletask-task2-v0"
+CUBE = "cube-single-play-v0"
+SCENE = "scene-play-v0"
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def params():
     with open("params.yaml") as handle:
         raw = yaml.safe_load(handle)
     raw = copy.deepcopy(raw)
-    raw["tasks"] = [CUBE, SCENE]
+    raw["datasets"] = [CUBE, SCENE]
     return validate_params(raw)
 
 
@@ -41,7 +41,7 @@ def test_each_agent_name_maps_to_its_algorithm_and_reversal(params, name, algori
         assert spec.config.reversal_method == params.agent.reversal_method
 
 
-def test_the_task_preset_fills_the_null_agent_settings(params):
+def test_the_dataset_preset_fills_the_null_agent_settings(params):
     scene = run_spec(params, "rql", SCENE, obs_dim=40, action_dim=5).config
     assert (scene.alpha, scene.expectile, scene.rho, scene.h) == (3.0, 0.7, 0.5, 5)  # the reference's scene-play
     assert run_spec(params, "fql", SCENE, obs_dim=40, action_dim=5).config.alpha == params.fql.alpha

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline import TASK, copy_project, dvc, git, run, write_tiny_params
+from test_pipeline import DATASET, NUMBER, copy_project, dvc, git, run, write_tiny_params
+from test_pipeline import stage as stage_name
 
 from benchmarks.cluster_protocol import make_toy_repo, random_dag, s3_server, simulated_cluster
 
@@ -119,7 +120,8 @@ def kill_the_node_after_the_first_checkpoint(cluster, checkpoints: Path, stop: t
     stopped: list[int] = []
     try:
         while not stop.is_set() and not killed:
-            complete = sorted(int(p.parent.name) for p in checkpoints.glob("*/*/*/*/*/files.json")
+            # <agent>/<dataset>/task<k>/seed<s>/<fingerprint>/<step>/files.json (stages.layout.checkpoint_root)
+            complete = sorted(int(p.parent.name) for p in checkpoints.glob("*/*/*/*/*/*/files.json")
                               if p.parent.name.isdigit())
             raylets = {node.all_processes["raylet"][0].process.pid: node for node in cluster.worker_nodes}
             under = {raylet: descendants(raylet) for raylet in raylets}
@@ -234,13 +236,14 @@ def test_the_tiny_study_on_a_simulated_cluster_matches_a_serial_repro(cluster, s
                          env_vars={"RQL_CLUSTER_CLONES": str(tmp_path / "replacement-node")})
     assert code == 0, log[-5000:]
     stages = summary["stages"]
-    train = f"train_rql_cached@rql_cached-{TASK}-0"
+    train = stage_name("train", "rql_cached")
     assert killed and killed[0]["checkpoints"] == [100], killed  # a node died after the checkpoint of step 100 ...
     assert stages[train]["attempts"] == 2 and stages[train]["status"] == "ran", stages[train]  # ... retried ...
     first, second = stages[train]["attempt_nodes"]
     assert first.split()[1] == killed[0]["node"][:8] and second.split()[1] != first.split()[1]  # ... elsewhere ...
     assert "resuming from the checkpoint at step 100" in Path(stages[train]["log"]).read_text()  # ... resumed
-    run_summary = Path("data") / "runs" / "rql_cached" / TASK / "seed0" / "summary.json"
+    run_dir = Path("data") / "runs" / "rql_cached" / DATASET / f"task{NUMBER}" / "seed0"
+    run_summary = run_dir / "summary.json"
     assert json.loads((workspace / run_summary).read_text())["resumed_from"] == 100
     assert json.loads((serial / run_summary).read_text())["resumed_from"] == 0
     assert {s["status"] for s in stages.values()} == {"ran"} and len(stages) == 7
@@ -252,7 +255,7 @@ def test_the_tiny_study_on_a_simulated_cluster_matches_a_serial_repro(cluster, s
         assert f"Running stage '{name}'" in Path(stage["log"]).read_text()
 
     # the resumed run's learning curves are those of the uninterrupted serial run (wall-clock series aside)
-    curves = Path("data") / "runs" / "rql_cached" / TASK / "seed0" / "live" / "plots" / "metrics"
+    curves = run_dir / "live" / "plots" / "metrics"
     series = sorted(p.relative_to(serial / curves) for p in (serial / curves).rglob("*.tsv")
                     if "steps_per_second" not in p.name)
     assert len(series) >= 5
@@ -261,15 +264,14 @@ def test_the_tiny_study_on_a_simulated_cluster_matches_a_serial_repro(cluster, s
 
     # the same bytes as the serial run, in the user's workspace
     data = Path("data")
-    deterministic = [*sorted((serial / data / "datasets").iterdir()),
-                     *sorted((serial / data / "priors" / TASK).iterdir()),
-                     *sorted((serial / data / "reversed" / TASK).iterdir()),
-                     serial / data / "runs" / "rql_cached" / TASK / "seed0" / "policy.msgpack",
-                     serial / data / "params.json"]
+    deterministic = [*sorted((serial / data / "datasets" / DATASET).iterdir()),
+                     *sorted((serial / data / "priors" / DATASET).iterdir()),
+                     *sorted((serial / data / "reversed" / DATASET).iterdir()),
+                     serial / run_dir / "policy.msgpack", serial / data / "params.json"]
     assert len(deterministic) >= 10
     for path in deterministic:
         assert (workspace / path.relative_to(serial)).read_bytes() == path.read_bytes(), path
-    evaluation = data / "evals" / "rql_cached" / TASK / "seed0.json"
+    evaluation = data / "evals" / "rql_cached" / DATASET / f"task{NUMBER}" / "seed0.json"
     assert without_timings(json.loads((workspace / evaluation).read_text())) == without_timings(
         json.loads((serial / evaluation).read_text()))
     assert (workspace / "reports" / "index.html").stat().st_size > 1000

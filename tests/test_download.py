@@ -1,4 +1,5 @@
-"""The download stage end to end: generation, OGBench's downloader (offline here), fallbacks, manifest, failures."""
+"""The download stage end to end (one dataset per stage): generation, OGBench's downloader (offline here), fallbacks,
+manifest, failures."""
 
 import dataclasses
 import json
@@ -22,15 +23,14 @@ from stages.core.ogbench_generate import GenerationError, generate_splits, recip
 from stages.params import ParamsError, validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
-MAZE_TASK = "pointmaze-medium-navigate-singletask-task1-v0"
 MAZE = "pointmaze-medium-navigate-v0"
 STEPS = 30
 
 
-def tiny_params(tmp_path: Path, name: str = "params.yaml", tasks=(MAZE_TASK,), **data) -> Path:
+def tiny_params(tmp_path: Path, name: str = "params.yaml", datasets=(MAZE,), **data) -> Path:
     """The repository's params.yaml with tiny data settings (and `data` overrides), written to tmp_path."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["tasks"] = list(tasks)
+    raw["datasets"] = list(datasets)
     raw["data"].update(
         {
             "source": "generate",
@@ -52,8 +52,8 @@ def params_of(tmp_path: Path, **kwargs):
 
 
 def run(params, out: Path, ogbench_dir: Path, **kwargs) -> dict:
-    """What the stage does with validated params: every dataset of its tasks into ``out``; the manifest."""
-    return datasets.obtain_datasets(params.tasks, params.data, out, ogbench_dir, **kwargs)
+    """What the stage does with validated params: their (first) dataset into its folder ``out``; the manifest."""
+    return datasets.obtain_dataset_folder(params.datasets[0], params.data, out, ogbench_dir, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,14 @@ def manifest_of(out: Path) -> dict:
 
 
 def test_stage_cli_generates_ogbench_files_byte_identically(tmp_path):
-    params = tiny_params(tmp_path, tasks=["cube-single-play-singletask-task2-v0"])
+    params = tiny_params(tmp_path, datasets=[MAZE, "cube-single-play-v0"])
     first, second = tmp_path / "first", tmp_path / "second"
     command = [
         sys.executable,
         "-m",
         "stages.download",
+        "--dataset",
+        "cube-single-play-v0",
         "--params",
         str(params),
         "--ogbench-dir",
@@ -124,7 +126,7 @@ def test_stage_cli_generates_ogbench_files_byte_identically(tmp_path):
         assert described["sha256"] == sha256_file(first / name)
     assert entry["files"]["cube-single-play-v0.npz"]["rows"] == 2 * STEPS
     assert manifest["versions"]["ogbench"] == "1.2.2" and manifest["versions"]["mujoco"] == "4.0.0"
-    assert manifest["tasks"] == {"cube-single-play-singletask-task2-v0": "cube-single-play-v0"}
+    assert list(manifest) == ["datasets", "versions"] and list(manifest["datasets"]) == ["cube-single-play-v0"]
 
     _, train, val = ogbench.make_env_and_datasets(
         "cube-single-play-singletask-task2-v0", dataset_dir=str(first), compact_dataset=False
@@ -213,35 +215,31 @@ def test_large_datasets_download_each_file_from_its_folder(tmp_path, maze_splits
         for split, arrays in maze_splits.items()
     }
     server = FakeServer(with_buttons)
-    task = "puzzle-4x4-play-100m-singletask-task1-v0"
-    out = tmp_path / "out"
+    folder = tmp_path / "puzzle-4x4-play-100m-v0"
     manifest = run(
-        params_of(tmp_path, tasks=[task], source="download", episodes=None, shards=2),
-        out,
+        params_of(tmp_path, datasets=[folder.name], source="download", episodes=None, shards=2),
+        folder,
         tmp_path / "none",
         download=server,
     )
-    folder = out / "puzzle-4x4-play-100m-v0"
     url = f"{datasets.OGBENCH_URL}/puzzle-4x4-play-100m-v0"
     assert server.calls == [
         (["puzzle-4x4-play-v0-000"], folder, url),
         (["puzzle-4x4-play-v0-001"], folder, url),
     ]
     assert sorted(manifest["datasets"]["puzzle-4x4-play-100m-v0"]["files"]) == [
-        f"puzzle-4x4-play-100m-v0/puzzle-4x4-play-v0-00{i}{suffix}.npz"
-        for i in (0, 1)
-        for suffix in ("-val", "")
+        f"puzzle-4x4-play-v0-00{i}{suffix}.npz" for i in (0, 1) for suffix in ("-val", "")
     ]
 
 
 def test_large_datasets_generate_one_file_pair_per_shard(tmp_path):
-    task = "puzzle-3x3-play-100m-singletask-task1-v0"
-    out = tmp_path / "out"
+    folder = tmp_path / "puzzle-3x3-play-100m-v0"
     run(
-        params_of(tmp_path, tasks=[task], shards=2, episode_steps=10, episodes=1), out, tmp_path / "none"
+        params_of(tmp_path, datasets=[folder.name], shards=2, episode_steps=10, episodes=1), folder,
+        tmp_path / "none",
     )
-    folder = out / "puzzle-3x3-play-100m-v0"
     assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json",
         "puzzle-3x3-play-v0-000-val.npz",
         "puzzle-3x3-play-v0-000.npz",
         "puzzle-3x3-play-v0-001-val.npz",
@@ -265,6 +263,22 @@ def test_files_in_the_ogbench_folder_are_used_before_downloading(tmp_path, maze_
     assert (tmp_path / "out" / f"{MAZE}.npz").read_bytes() == (ogbench_dir / f"{MAZE}.npz").read_bytes()
 
 
+def test_a_large_dataset_is_copied_from_its_folder_in_the_ogbench_folder(tmp_path, maze_splits):
+    """OGBench keeps a 100m dataset's files in a folder of its own (`<ogbench dir>/<dataset>/<stem>-NNN.npz`)."""
+    with_buttons = {
+        split: {**arrays, "button_states": np.zeros((len(arrays["terminals"]), 16), np.int64)}
+        for split, arrays in maze_splits.items()
+    }
+    dataset, ogbench_dir = "puzzle-4x4-play-100m-v0", tmp_path / "ogbench"
+    FakeServer(with_buttons)(["puzzle-4x4-play-v0-000"], ogbench_dir / dataset, "")
+    server = FakeServer(with_buttons)
+    manifest = run(params_of(tmp_path, datasets=[dataset], source="download", episodes=None, shards=1),
+                   tmp_path / "out", ogbench_dir, download=server)
+    assert server.calls == [] and manifest["datasets"][dataset]["source"] == "ogbench-dir"
+    assert (tmp_path / "out" / "puzzle-4x4-play-v0-000.npz").read_bytes() == (
+        ogbench_dir / dataset / "puzzle-4x4-play-v0-000.npz").read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Failures
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,11 +288,11 @@ def test_expert_datasets_offline_fail_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(
         urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x"))
     )
-    params = tiny_params(tmp_path, tasks=["antmaze-large-navigate-singletask-task1-v0"], source="auto",
-                         episodes=None)
+    params = tiny_params(tmp_path, datasets=["antmaze-large-navigate-v0"], source="auto", episodes=None)
     out = tmp_path / "out"
     with pytest.raises(datasets.DatasetUnavailable) as info:
-        download.main(["--params", str(params), "--out", str(out), "--ogbench-dir", str(tmp_path / "none")])
+        download.main(["--dataset", "antmaze-large-navigate-v0", "--params", str(params), "--out", str(out),
+                       "--ogbench-dir", str(tmp_path / "none")])
     assert "expert policies whose weights are only on the OGBench download server" in str(info.value)
     assert "machine with internet" in str(info.value) and "~/.ogbench/data" in str(info.value)
     assert list(out.iterdir()) == []
@@ -308,15 +322,22 @@ def test_invalid_params_fail_naming_the_key_before_any_work(tmp_path):
     params = tiny_params(tmp_path, episodes=0)
     out = tmp_path / "out"
     with pytest.raises(ParamsError, match="data.episodes: Input should be greater than 0"):
-        download.main(["--params", str(params), "--out", str(out)])
+        download.main(["--dataset", MAZE, "--params", str(params), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_a_dataset_the_params_do_not_list_is_refused(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"dataset 'scene-play-v0' is not in params.yaml datasets \['pointmaze"):
+        download.main(["--dataset", "scene-play-v0", "--params", str(tiny_params(tmp_path)), "--out", str(out)])
     assert not out.exists()
 
 
 def test_the_stage_fails_like_every_stage_with_one_error_line_and_exit_1(tmp_path):
     """One exit-code policy (cli.run): exit 1 and a single `error:` line, printed once."""
     params = tiny_params(tmp_path, episodes=0)
-    result = subprocess.run([sys.executable, "-m", "stages.download", "--params", str(params), "--out",
-                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-m", "stages.download", "--dataset", MAZE, "--params", str(params),
+                             "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             check=False)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -326,13 +347,8 @@ def test_the_stage_fails_like_every_stage_with_one_error_line_and_exit_1(tmp_pat
 
 def test_a_failed_run_leaves_no_manifest_and_no_stale_files(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    (out / "old-100m-v0").mkdir(parents=True)
-    for stale in (
-        "manifest.json",
-        "cube-double-play-v0.npz",
-        f".{MAZE}.npz.abc123.tmp",
-        "old-100m-v0/old-v0-000.npz",
-    ):
+    out.mkdir()
+    for stale in ("manifest.json", f"{MAZE}-val.npz", f".{MAZE}.npz.abc123.tmp"):
         (out / stale).write_text("from an earlier run")
 
     def broken(*args, **kwargs):
@@ -341,20 +357,26 @@ def test_a_failed_run_leaves_no_manifest_and_no_stale_files(tmp_path, monkeypatc
     monkeypatch.setattr(datasets, "generate_splits", broken)
     params = tiny_params(tmp_path)
     with pytest.raises(GenerationError, match="simulated failure"):
-        download.main(["--params", str(params), "--out", str(out), "--ogbench-dir", str(tmp_path / "none")])
+        download.main(["--dataset", MAZE, "--params", str(params), "--out", str(out), "--ogbench-dir",
+                       str(tmp_path / "none")])
     assert list(out.iterdir()) == []
 
 
-def test_plan_lists_each_dataset_once_with_its_files(tmp_path):
-    tasks = [
-        MAZE_TASK,
-        "pointmaze-medium-navigate-singletask-task3-v0",
-        "cube-quadruple-play-100m-singletask-task1-v0",
-    ]
-    plans = datasets.plan_datasets(tasks, shards=3)
-    assert [p.dataset for p in plans] == [MAZE, "cube-quadruple-play-100m-v0"]
-    assert plans[0].files == [f"{MAZE}.npz", f"{MAZE}-val.npz"]
-    assert plans[1].files[-2:] == [
-        "cube-quadruple-play-100m-v0/cube-quadruple-play-v0-002.npz",
-        "cube-quadruple-play-100m-v0/cube-quadruple-play-v0-002-val.npz",
-    ]
+def test_plan_names_the_files_in_the_datasets_folder_and_in_ogbenchs():
+    maze = datasets.plan_dataset(MAZE, shards=3)
+    assert maze.files == [f"{MAZE}.npz", f"{MAZE}-val.npz"] and maze.ogbench_path(maze.files[0]) == f"{MAZE}.npz"
+    large = datasets.plan_dataset("cube-quadruple-play-100m-v0", shards=3)
+    assert large.files[-2:] == ["cube-quadruple-play-v0-002.npz", "cube-quadruple-play-v0-002-val.npz"]
+    assert large.ogbench_path(large.files[0]) == "cube-quadruple-play-100m-v0/cube-quadruple-play-v0-000.npz"
+
+
+def test_a_datasets_files_do_not_depend_on_the_other_datasets_of_the_study(tmp_path):
+    """Generation seeds come from data.seed, the split, the file and the episode, never from a dataset's place in
+    params.yaml's list: adding a dataset before it leaves its bytes alone (so DVC need not rerun it)."""
+    alone, second = tmp_path / "alone", tmp_path / "second"
+    download.main(["--dataset", MAZE, "--params", str(tiny_params(tmp_path, "a.yaml")), "--out", str(alone)])
+    both = tiny_params(tmp_path, "b.yaml", datasets=("cube-single-play-v0", MAZE))
+    download.main(["--dataset", MAZE, "--params", str(both), "--out", str(second)])
+    assert sorted(p.name for p in alone.iterdir()) == sorted(p.name for p in second.iterdir())
+    for path in alone.iterdir():
+        assert path.read_bytes() == (second / path.name).read_bytes(), path.name

@@ -229,7 +229,7 @@ def test_large_datasets_stream_file_by_file(dataset_dir, tmp_path):
         shifted = {**source, "observations": source["observations"] + index}
         write_npz(folder / f"{stem}-{index:03d}.npz", shifted)
         write_npz(folder / f"{stem}-{index:03d}-val.npz", source)
-    pairs = dataset_files(tmp_path, folder.name)
+    pairs = dataset_files(folder, folder.name)  # the dataset's own folder
     assert [p.name for p, _ in pairs] == [f"{stem}-000.npz", f"{stem}-001.npz"]
     assert [v.name for _, v in pairs] == [f"{stem}-000-val.npz", f"{stem}-001-val.npz"]
     env = make_task_env(env_name(task))

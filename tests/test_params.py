@@ -1,4 +1,4 @@
-"""params.yaml validation, task naming and preset resolution."""
+"""params.yaml validation (datasets x task numbers), task naming and preset resolution."""
 
 import copy
 from pathlib import Path
@@ -9,11 +9,12 @@ from pydantic import ValidationError
 
 from stages.core.ogbench_names import (
     dataset_for_task,
-    datasets_for_tasks,
     env_for_task,
     large_dataset_stem,
     parse_dataset,
     parse_task,
+    task_name,
+    task_numbers,
 )
 from stages.core.presets import PRESETS
 from stages.params import (
@@ -51,7 +52,8 @@ def error_of(raw: dict) -> str:
 
 def test_default_params_file_is_valid():
     params = load_params(ROOT / "params.yaml")
-    assert params.tasks == ["cube-single-play-singletask-task2-v0"]
+    assert params.datasets == ["cube-single-play-v0"] and params.tasks == [2]
+    assert [task.name for task in params.study_tasks] == ["cube-single-play-singletask-task2-v0"]
     assert params.data.source == "auto"
     assert params.data.episode_counts(1000) == (params.data.episodes, params.data.episodes // 10)
 
@@ -94,32 +96,63 @@ def test_large_dataset_files_are_named_after_the_one_million_dataset():
     assert not parse_task("cube-single-play-singletask-task2-v0").is_large
 
 
-def test_datasets_for_tasks_deduplicates_in_order():
-    tasks = [
-        "scene-play-singletask-task1-v0",
-        "cube-single-play-singletask-task2-v0",
-        "scene-play-singletask-task5-v0",
-    ]
-    assert datasets_for_tasks(tasks) == ["scene-play-v0", "cube-single-play-v0"]
+@pytest.mark.parametrize(
+    "dataset, number, task",
+    [
+        ("cube-single-play-v0", 2, "cube-single-play-singletask-task2-v0"),
+        ("cube-double-noisy-v0", 5, "cube-double-noisy-singletask-task5-v0"),
+        ("puzzle-4x4-play-100m-v0", 1, "puzzle-4x4-play-100m-singletask-task1-v0"),
+        ("antmaze-large-navigate-v0", 3, "antmaze-large-navigate-singletask-task3-v0"),
+    ],
+)
+def test_a_dataset_and_a_task_number_make_the_ogbench_singletask_name(dataset, number, task):
+    assert task_name(dataset, number) == task
+    spec = parse_task(task)  # a registered task of that dataset
+    assert (spec.dataset, spec.task_id) == (dataset, number)
+    assert task_numbers(dataset) == (1, 2, 3, 4, 5)
+
+
+def test_the_study_is_every_task_number_on_every_dataset_dataset_by_dataset(raw):
+    params = validate_params(with_changes(raw, datasets=["scene-play-v0", "cube-single-play-v0"], tasks=[4, 1]))
+    assert [(t.dataset, t.number) for t in params.study_tasks] == [
+        ("scene-play-v0", 4), ("scene-play-v0", 1), ("cube-single-play-v0", 4), ("cube-single-play-v0", 1)]
+    assert params.study_tasks[0].name == "scene-play-singletask-task4-v0"
 
 
 @pytest.mark.parametrize(
-    "task, fragment",
+    "dataset, fragment",
     [
-        ("blah", "not an OGBench singletask name"),
-        ("cube-single-play-v0", "not an OGBench singletask name"),
-        ("cube-single-play-singletask-task9-v0", "no environment 'cube-single-singletask-task9-v0'"),
-        ("cube-sextuple-play-singletask-task1-v0", "unknown OGBench environment 'cube-sextuple'"),
-        ("cube-single-navigate-singletask-task1-v0", "no 'navigate' dataset for cube-single"),
-        ("antmaze-giant-explore-singletask-task1-v0", "no 'explore' dataset for antmaze-giant"),
-        ("puzzle-4x4-play-10m-singletask-task1-v0", "unknown dataset size '10m'"),
-        ("antmaze-large-navigate-100m-singletask-task1-v0", "100m datasets only for manipulation"),
-        ("visual-cube-single-play-singletask-task1-v0", "pixel-based"),
+        ("blah", "not an OGBench dataset name"),
+        ("cube-single-play-singletask-task2-v0", "not an OGBench dataset name"),
+        ("cube-sextuple-play-v0", "unknown OGBench environment 'cube-sextuple'"),
+        ("cube-single-navigate-v0", "no 'navigate' dataset for cube-single"),
+        ("antmaze-giant-explore-v0", "no 'explore' dataset for antmaze-giant"),
+        ("puzzle-4x4-play-10m-v0", "unknown dataset size '10m'"),
+        ("antmaze-large-navigate-100m-v0", "100m datasets only for manipulation"),
+        ("visual-cube-single-play-v0", "pixel-based"),
+        ("cube-single-play-v1", "registers no singletask environment"),
     ],
 )
-def test_unknown_task_names_are_rejected_at_their_list_index(raw, task, fragment):
-    message = error_of(with_changes(raw, tasks=["cube-single-play-singletask-task2-v0", task]))
-    assert "tasks[1]" in message and fragment in message
+def test_unknown_datasets_are_rejected_at_their_list_index(raw, dataset, fragment):
+    message = error_of(with_changes(raw, datasets=["cube-single-play-v0", dataset]))
+    assert "- datasets[1]: " in message and fragment in message and dataset in message
+    assert len(message.splitlines()) == 2  # the head line and one line for the one bad value
+
+
+@pytest.mark.parametrize(
+    "tasks, key, fragment",
+    [
+        ([2, 6], "tasks[1]",
+         "task 6 does not exist for datasets[0] (cube-single-play-v0): OGBench registers tasks 1, 2, 3, 4, 5 for it"),
+        ([0], "tasks[0]", "greater than or equal to 1"),
+        (["2"], "tasks[0]", "valid integer"),
+        ([2, 2], "tasks", "duplicate entries: 2"),
+        ([], "tasks", "at least 1 item"),
+    ],
+)
+def test_bad_task_numbers_name_their_key_and_value(raw, tasks, key, fragment):
+    message = error_of(with_changes(raw, tasks=tasks))
+    assert f"- {key}: " in message and fragment in message, message
 
 
 @pytest.mark.parametrize(
@@ -149,11 +182,8 @@ def test_unknown_task_names_are_rejected_at_their_list_index(raw, task, fragment
         ({"agents": {"rql": [], "rql_cached": [], "fql": [], "bc_flow": []}}, "agents", "every group is empty"),
         ({"seeds": [0, 1, 0]}, "seeds", "duplicate entries: 0"),
         ({"seeds": []}, "seeds", "at least 1 item"),
-        (
-            {"tasks": ["cube-single-play-singletask-task2-v0"] * 2},
-            "tasks",
-            "duplicate entries: cube-single-play-singletask-task2-v0",
-        ),
+        ({"datasets": ["cube-single-play-v0"] * 2}, "datasets", "duplicate entries: cube-single-play-v0"),
+        ({"datasets": []}, "datasets", "at least 1 item"),
     ],
 )
 def test_bad_values_name_their_key(raw, changes, key, fragment):
@@ -185,12 +215,12 @@ def test_missing_keys_are_named(raw):
         ({"train": {"log_every": 150}}, "train.log_every", "multiple of train.updates_per_call=100"),
         ({"evaluate": {"workers": 30, "envs": 25}}, "evaluate.workers", "workers=30 > envs=25"),
         (
-            {"tasks": ["antmaze-large-navigate-singletask-task1-v0"], "data": {"source": "generate"}},
+            {"datasets": ["antmaze-large-navigate-v0"], "data": {"source": "generate"}},
             "data",
             "expert policies whose weights are only on the OGBench server",
         ),
         (
-            {"tasks": ["antmaze-large-navigate-singletask-task1-v0"], "data": {"source": "auto", "episodes": 10}},
+            {"datasets": ["antmaze-large-navigate-v0"], "data": {"source": "auto", "episodes": 10}},
             "data",
             "download it (data.episodes: null",
         ),
@@ -233,10 +263,10 @@ def test_load_params_reports_file_and_yaml_problems(tmp_path):
         load_params(scalar)
 
 
-def test_auto_preset_follows_each_tasks_environment(raw):
-    tasks = ["cube-double-play-singletask-task1-v0", "puzzle-4x4-play-100m-singletask-task1-v0"]
-    params = validate_params(with_changes(raw, tasks=tasks))
-    double = resolve_agent(params, tasks[0])
+def test_auto_preset_follows_each_datasets_environment(raw):
+    datasets = ["cube-double-play-v0", "puzzle-4x4-play-100m-v0"]
+    params = validate_params(with_changes(raw, datasets=datasets))
+    double = resolve_agent(params, datasets[0])
     assert (double.preset, double.alpha, double.expectile, double.h, double.sparse) == (
         "cube-double-play",
         10.0,
@@ -244,7 +274,7 @@ def test_auto_preset_follows_each_tasks_environment(raw):
         5,
         False,
     )
-    puzzle = resolve_agent(params, tasks[1])
+    puzzle = resolve_agent(params, datasets[1])
     assert (puzzle.preset, puzzle.alpha, puzzle.expectile, puzzle.sparse) == (
         "puzzle-4x4-play",
         1.0,
@@ -253,9 +283,9 @@ def test_auto_preset_follows_each_tasks_environment(raw):
     )
 
 
-def test_tasks_without_preset_get_the_documented_default(raw):
+def test_datasets_without_preset_get_the_documented_default(raw):
     params = validate_params(raw)
-    agent = resolve_agent(params, "cube-single-play-singletask-task2-v0")
+    agent = resolve_agent(params, "cube-single-play-v0")
     assert (agent.preset, agent.alpha, agent.expectile, agent.rho, agent.h, agent.discount, agent.sparse) == (
         "default",
         3.0,
@@ -266,25 +296,25 @@ def test_tasks_without_preset_get_the_documented_default(raw):
         False,
     )
     # The reference's sparse rule is per family: an unlisted puzzle still gets sparse rewards.
-    puzzle = "puzzle-4x5-play-singletask-task1-v0"
-    assert resolve_sparse(validate_params(with_changes(raw, tasks=[puzzle])), puzzle) is True
+    puzzle = "puzzle-4x5-play-v0"
+    assert resolve_sparse(validate_params(with_changes(raw, datasets=[puzzle])), puzzle) is True
 
 
 def test_explicit_values_override_the_preset_and_named_presets_apply_to_all(raw):
-    task = "humanoidmaze-medium-navigate-singletask-task1-v0"
-    params = validate_params(with_changes(raw, tasks=[task], agent={"alpha": 0.7, "preset": "auto"},
+    dataset = "humanoidmaze-medium-navigate-v0"
+    params = validate_params(with_changes(raw, datasets=[dataset], agent={"alpha": 0.7, "preset": "auto"},
                                           data={"episodes": None}))
-    agent = resolve_agent(params, task)
+    agent = resolve_agent(params, dataset)
     assert agent.alpha == 0.7 and agent.discount == 0.995 and agent.rho == 0.0 and agent.h == 1
     named = validate_params(with_changes(raw, agent={"preset": "scene-play"}))
-    agent = resolve_agent(named, "cube-single-play-singletask-task2-v0")
+    agent = resolve_agent(named, "cube-single-play-v0")
     assert (agent.preset, agent.alpha, agent.expectile) == ("scene-play", PRESETS["scene-play"].alpha, 0.7)
-    assert agent.sparse is False  # sparse follows the task's environment, not the borrowed preset
+    assert agent.sparse is False  # sparse follows the dataset's environment, not the borrowed preset
 
 
 def test_explicit_sparse_overrides_auto(raw):
     params = validate_params(with_changes(raw, data={"sparse": True}))
-    assert resolve_sparse(params, "cube-single-play-singletask-task2-v0") is True
+    assert resolve_sparse(params, "cube-single-play-v0") is True
 
 
 def test_params_are_immutable(raw):

@@ -1,8 +1,9 @@
 """The whole DVC pipeline on tiny data, in a temporary copy of this repository.
 
 One module-scoped build runs `dvc repro` (download -> prior -> reverse -> train x 5 agents -> evaluate -> report);
-the tests then check its outputs, that nothing reruns, which stages a param change invalidates, that a teammate
-gets the cached artifacts through the DVC remote instead of recomputing them, and that training resumes.
+the tests then check its outputs, that nothing reruns, which stages a param change invalidates, that adding a task
+number or a dataset to the finished study leaves every stage of the others alone, that a teammate gets the cached
+artifacts through the DVC remote instead of recomputing them, and that training resumes.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.agent_registry import AGENTS as REGISTRY
+
 ROOT = Path(__file__).resolve().parent.parent
-TASK = "cube-single-play-singletask-task2-v0"
+DATASET, NUMBER = "cube-single-play-v0", 2
+TASK = "cube-single-play-singletask-task2-v0"  # OGBench's name of task NUMBER of DATASET
 AGENTS = ["rql", "rql_cached", "rql_refresh", "fql", "bc_flow"]
+
 TINY = {
     "data": {"episodes": 3, "val_episodes": 1, "episode_steps": 201},
     "networks": {"actor": [32, 32], "critic": [32, 32], "ensemble": 2},
@@ -75,7 +80,7 @@ def copy_project(target: Path) -> None:
 
 def write_tiny_params(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["tasks"], params["seeds"] = [TASK], [0]
+    params["datasets"], params["tasks"], params["seeds"] = [DATASET], [NUMBER], [0]
     params["agents"] = {"rql": ["rql"], "rql_cached": ["rql_cached", "rql_refresh"], "fql": ["fql"],
                         "bc_flow": ["bc_flow"]}
     for section, values in TINY.items():
@@ -104,29 +109,39 @@ def built(tmp_path_factory) -> dict:
             "seconds": time.perf_counter() - started}
 
 
+def stage(group: str, agent: str, dataset: str = DATASET, number: int = NUMBER, seed: int = 0) -> str:
+    """The DVC name of a train or evaluate stage, e.g. train_rql@rql-cube-single-play-v0-2-0."""
+    return f"{group}_{REGISTRY[agent].group}@{agent}-{dataset}-{number}-{seed}"
+
+
+def run_stages(dataset: str, number: int) -> set[str]:
+    """The train and evaluate stages of every agent on task ``number`` of ``dataset``, seed 0."""
+    return {stage(group, agent, dataset, number) for group in ("train", "evaluate") for agent in AGENTS}
+
+
 def test_every_stage_ran_and_wrote_its_outputs(built):
     repo, log = built["repo"], built["log"]
-    for stage in ("validate", "download", "prior@", "reverse@", "train_rql@", "train_rql_cached@", "train_fql@",
-                  "train_bc_flow@", "evaluate_rql@", "evaluate_rql_cached@", "evaluate_fql@", "evaluate_bc_flow@",
-                  "report"):
-        assert f"Running stage '{stage}" in log, stage
+    for name in ("validate", f"download@{DATASET}", f"prior@{DATASET}", f"reverse@{DATASET}",
+                 *run_stages(DATASET, NUMBER), "report"):
+        assert f"Running stage '{name}'" in log, name
     data = repo / "data"
-    assert (data / "datasets" / "cube-single-play-v0.npz").is_file()
-    assert json.loads((data / "datasets" / "manifest.json").read_text())
-    assert (data / "priors" / TASK / "policy.msgpack").is_file()
-    manifest = json.loads((data / "reversed" / TASK / "manifest.json").read_text())
+    assert (data / "datasets" / DATASET / "cube-single-play-v0.npz").is_file()
+    assert json.loads((data / "datasets" / DATASET / "manifest.json").read_text())
+    assert (data / "priors" / DATASET / "policy.msgpack").is_file()
+    manifest = json.loads((data / "reversed" / DATASET / "manifest.json").read_text())
     assert manifest["total_rows"] == 3 * 200 and len(manifest["shards"]) == 3  # 250 rows per shard
     for agent in AGENTS:
-        run_dir = data / "runs" / agent / TASK / "seed0"
+        run_dir = data / "runs" / agent / DATASET / f"task{NUMBER}" / "seed0"
         assert (run_dir / "policy.msgpack").is_file()
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["steps"] == 200 and summary["agent"] == agent
         live = json.loads((run_dir / "live" / "metrics.json").read_text())
         assert live["step"] == 200 and "train" in live
-        record = json.loads((data / "evals" / agent / TASK / "seed0.json").read_text())
-        assert record["summary"]["episodes"] == 2 and 0.0 <= record["success"] <= 100.0
-        assert (data / "evals" / agent / TASK / "seed0" / "rollout.gif").stat().st_size > 1000
-    drift = json.loads((data / "runs" / "rql_refresh" / TASK / "seed0" / "live" / "metrics.json").read_text())
+        record = json.loads((data / "evals" / agent / DATASET / f"task{NUMBER}" / "seed0.json").read_text())
+        assert record["summary"]["episodes"] == 2 and 0.0 <= record["success"] <= 100.0 and record["task"] == TASK
+        assert (data / "evals" / agent / DATASET / f"task{NUMBER}" / "seed0" / "rollout.gif").stat().st_size > 1000
+    drift = json.loads((data / "runs" / "rql_refresh" / DATASET / f"task{NUMBER}" / "seed0" / "live" /
+                        "metrics.json").read_text())
     assert "cache_drift_mean" in drift["train"] and "cache_stale_fraction" in drift["train"]
 
 
@@ -154,10 +169,10 @@ def test_a_second_repro_runs_nothing(built):
 def test_rebuilding_the_cache_and_prior_gives_the_same_bytes(built):
     """Same inputs, same bytes: what DVC's cache and a teammate's pull rely on."""
     repo = built["repo"]
-    before = {path: path.read_bytes() for path in sorted((repo / "data").glob(f"*/{TASK}/*")) if path.is_file()
+    before = {path: path.read_bytes() for path in sorted((repo / "data").glob(f"*/{DATASET}/*")) if path.is_file()
               and path.parent.parent.name in ("priors", "reversed")}
     assert len(before) >= 5  # policy.msgpack, prior.json, manifest.json, 3 shards
-    dvc("repro", "--force", "--single-item", f"prior@{TASK}", f"reverse@{TASK}", cwd=repo)
+    dvc("repro", "--force", "--single-item", f"prior@{DATASET}", f"reverse@{DATASET}", cwd=repo)
     changed = [str(path) for path, data in before.items() if path.read_bytes() != data]
     assert changed == []
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
@@ -174,6 +189,8 @@ def test_rebuilding_the_cache_and_prior_gives_the_same_bytes(built):
         ("reverse", "method", "euler", {"reverse", "train_rql_cached"}),
         ("train", "refresh_every", 50, {"train_rql_cached"}),
         ("prior", "steps", 150, {"prior"}),
+        ("data", "sparse", True, {"train_rql", "train_rql_cached", "train_fql"}),  # BC, prior and cache: no reward
+        ("data", "episodes", 4, {"download"}),
     ],
 )
 def test_a_param_change_invalidates_exactly_the_stages_that_read_it(built, section, key, value, expected):
@@ -203,8 +220,35 @@ def test_an_unknown_key_fails_repro_even_when_nothing_else_would_rerun(built, se
     name = f"{section}.{key}" if section else key
     assert result.returncode != 0
     assert f"{name}: unknown key" in result.stderr and "Running stage 'validate'" in result.stdout
-    assert "Running stage 'download'" not in result.stdout
+    assert "Running stage 'download" not in result.stdout
     dvc("repro", "validate", cwd=repo)  # the original params: valid again, same output
+    assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
+
+
+@pytest.mark.parametrize(
+    "change, new_stages",
+    [
+        # a task number: its train and evaluate stages, on the dataset, prior and cache already there
+        ({"tasks": [NUMBER, 3]}, run_stages(DATASET, 3)),
+        # a dataset: its download, prior and reverse, and the runs of every task number on it
+        ({"datasets": [DATASET, "pointmaze-medium-navigate-v0"]},
+         {f"{kind}@pointmaze-medium-navigate-v0" for kind in ("download", "prior", "reverse")}
+         | run_stages("pointmaze-medium-navigate-v0", NUMBER)),
+    ],
+    ids=["task", "dataset"],
+)
+def test_adding_a_task_or_a_dataset_to_a_finished_study_reruns_nothing_else(built, change, new_stages):
+    """Only the new stages and the aggregate ones (validate checks every edit; report reads every run) are out of
+    date, so `dvc repro` reruns nothing else: no other dataset, prior, cache, run or evaluation."""
+    repo = built["repo"]
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original) | change
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        status = json.loads(dvc("status", "--json", cwd=repo).stdout)
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert set(status) == new_stages | {"validate", "report"}
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
 
 
@@ -224,14 +268,14 @@ def test_a_teammate_pulls_the_shared_artifacts_instead_of_recomputing_them(built
     clone = tmp_path / "rql"
     status = json.loads(dvc("status", "--json", cwd=clone).stdout)
     assert status == {}
-    shard = clone / "data" / "reversed" / TASK / "part-00000.parquet"
-    assert shard.read_bytes() == (repo / "data" / "reversed" / TASK / "part-00000.parquet").read_bytes()
+    shard = clone / "data" / "reversed" / DATASET / "part-00000.parquet"
+    assert shard.read_bytes() == (repo / "data" / "reversed" / DATASET / "part-00000.parquet").read_bytes()
     before = shard.stat().st_mtime_ns
-    retrain = dvc("repro", "--force", "--single-item", f"train_rql_cached@rql_cached-{TASK}-0", cwd=clone)
+    retrain = dvc("repro", "--force", "--single-item", stage("train", "rql_cached"), cwd=clone)
     log = retrain.stdout + retrain.stderr
     assert "read the reversal cache" in log and "Running stage 'reverse" not in log
     assert shard.stat().st_mtime_ns == before
-    assert "Running stage" not in dvc("repro", "--dry", f"reverse@{TASK}", cwd=clone).stdout
+    assert "Running stage" not in dvc("repro", "--dry", f"reverse@{DATASET}", cwd=clone).stdout
 
 
 def test_an_interrupted_training_run_resumes_and_matches_an_uninterrupted_one(built, tmp_path):
@@ -240,9 +284,9 @@ def test_an_interrupted_training_run_resumes_and_matches_an_uninterrupted_one(bu
     params["train"].update(steps=20000, updates_per_call=50, log_every=500, checkpoint_every=500, eval_every=0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(repo / "data" / "datasets", tmp_path / "data" / "datasets")
-    command = [sys.executable, "-m", "stages.train", "--agent", "bc_flow", "--task", TASK, "--seed", "0",
-               "--no-progress"]
-    checkpoints = tmp_path / "data" / "checkpoints" / "bc_flow" / TASK / "seed0"
+    command = [sys.executable, "-m", "stages.train", "--agent", "bc_flow", "--dataset", DATASET, "--task",
+               str(NUMBER), "--seed", "0", "--no-progress"]
+    checkpoints = tmp_path / "data" / "checkpoints" / "bc_flow" / DATASET / f"task{NUMBER}" / "seed0"
     process = subprocess.Popen(command, cwd=tmp_path, env=environment(repo), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
@@ -253,7 +297,7 @@ def test_an_interrupted_training_run_resumes_and_matches_an_uninterrupted_one(bu
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
-    run_dir = tmp_path / "data" / "runs" / "bc_flow" / TASK / "seed0"
+    run_dir = tmp_path / "data" / "runs" / "bc_flow" / DATASET / f"task{NUMBER}" / "seed0"
     assert not (run_dir / "policy.msgpack").exists()
     resumed = run(command, tmp_path, code=repo)
     assert "resuming from the checkpoint at step" in resumed.stderr

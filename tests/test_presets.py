@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.core.presets import PRESETS, preset_for_task
+from stages.core.presets import PRESETS, preset_for_dataset
 from stages.params import load_params, resolve_agent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,31 +12,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_default_params_are_valid():
     params = load_params(ROOT / "params.yaml")
-    assert params.tasks == ["cube-single-play-singletask-task2-v0"]
+    assert params.datasets == ["cube-single-play-v0"] and params.tasks == [2]
     assert set(params.agents.runs) == {"rql", "rql_cached", "rql_refresh", "fql", "bc_flow"}
 
 
 def test_the_paper_preset_covers_the_papers_50_tasks_with_its_sizes_and_settings():
     params = load_params(ROOT / "stages" / "presets" / "paper.yaml")
-    assert len(params.tasks) == 50 and params.seeds == [0, 1, 2, 3]
+    assert len(params.datasets) == 10 and params.tasks == [1, 2, 3, 4, 5] and len(params.study_tasks) == 50
+    assert params.seeds == [0, 1, 2, 3]
     assert params.networks.actor == params.networks.critic == [512] * 4 and params.networks.ensemble == 10
     assert params.train.steps == 1_000_000 and params.train.eval_every == 100_000
     assert params.evaluate.episodes == params.train.eval_episodes == 50
-    environments = {preset_for_task(task)[0] for task in params.tasks}
+    environments = {preset_for_dataset(dataset)[0] for dataset in params.datasets}
     assert environments == set(PRESETS)  # every per-environment setting of the reference is used
-    scene = resolve_agent(params, "scene-play-singletask-task1-v0")
+    scene = resolve_agent(params, "scene-play-v0")
     assert (scene.alpha, scene.expectile, scene.rho, scene.h, scene.sparse) == (3.0, 0.7, 0.5, 5, True)
-    giant = resolve_agent(params, "antmaze-giant-navigate-singletask-task3-v0")
+    giant = resolve_agent(params, "antmaze-giant-navigate-v0")
     assert (giant.alpha, giant.h, giant.discount) == (0.1, 1, 0.995)
 
 
 def test_the_long_puzzle_preset_is_ogbench_sized_with_the_papers_puzzle_settings():
     params = load_params(ROOT / "stages" / "presets" / "puzzle_long.yaml")
-    assert all(task.startswith("puzzle-3x3-play-singletask-") for task in params.tasks) and len(params.tasks) >= 2
+    assert params.datasets == ["puzzle-3x3-play-v0"] and len(params.tasks) >= 2
     assert params.data.episodes == 1000 and params.train.steps >= 200_000
     assert set(params.agents.runs) == {"rql", "fql", "bc_flow"}
     assert params.train.eval_episodes == params.evaluate.episodes == 50
-    rql = resolve_agent(params, params.tasks[0])
+    rql = resolve_agent(params, params.datasets[0])
     assert (rql.alpha, rql.expectile, rql.rho, rql.h, rql.sparse) == (1.0, 0.7, 0.5, 5, True)
 
 

@@ -12,7 +12,7 @@ from stages.core.agents import bc_flow, rql
 from stages.core.files import sha256_file
 from tests.test_cache_build import CONFIG, actor, dataset
 
-TASK = "cube-single-play-singletask-task2-v0"
+DATASET = "cube-single-play-v0"
 INPUTS = {"dataset": "d" * 64, "prior": "p" * 64}
 
 
@@ -24,7 +24,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def write_prior():
-    path = layout.prior_dir(TASK) / reversal_cache.PRIOR_FILE
+    path = layout.prior_dir(DATASET) / reversal_cache.PRIOR_FILE
     path.parent.mkdir(parents=True)
     policy_file.save_policy(path, jax.device_get(actor()), {"algorithm": "bc_flow"})
     return path
@@ -34,25 +34,25 @@ def write_cache(rows: np.ndarray, config=CONFIG, inputs=INPUTS, overwrite=False)
     width = (config.flow_steps + 1) * config.chunk_dim
     x = np.arange(rows.size * width, dtype=np.float32).reshape(rows.size, config.flow_steps + 1, -1)
     errors = np.linspace(1e-7, 1e-5, rows.size).astype(np.float32)
-    shards.write_cache(layout.reversed_dir(TASK), [(rows, x, errors)], F=config.flow_steps, h=config.h,
+    shards.write_cache(layout.reversed_dir(DATASET), [(rows, x, errors)], F=config.flow_steps, h=config.h,
                        d=config.action_dim, method="exact", inputs=inputs, shard_rows=7, overwrite=overwrite)
     return x, errors
 
 
 def test_the_prior_is_read_with_its_sha256_and_checked_against_the_actor_shape(workdir):
     path = write_prior()
-    prior = reversal_cache.load_prior(TASK, CONFIG)
+    prior = reversal_cache.load_prior(DATASET, CONFIG)
     assert prior.sha256 == sha256_file(path)
     for got, want in zip(jax.tree_util.tree_leaves(prior.params), jax.tree_util.tree_leaves(actor()), strict=True):
         np.testing.assert_array_equal(got, want)
     wider = bc_flow.Config(obs_dim=4, action_dim=2, h=3, flow_steps=4, actor_hidden=(32, 16), batch_size=8)
     with pytest.raises(policy_file.PolicyFileError, match="does not match the template"):
-        reversal_cache.load_prior(TASK, wider)
+        reversal_cache.load_prior(DATASET, wider)
 
 
 def test_the_cache_is_read_whole_with_a_summary_of_its_round_trip_errors(workdir):
     x, errors = write_cache(np.arange(20))
-    cache, summary = reversal_cache.load_cache(TASK, CONFIG, INPUTS["dataset"], INPUTS["prior"])
+    cache, summary = reversal_cache.load_cache(DATASET, CONFIG, INPUTS["dataset"], INPUTS["prior"])
     np.testing.assert_array_equal(cache, x)
     assert (summary["method"], summary["rows"]) == ("exact", 20)
     assert summary["max"] == pytest.approx(float(errors.max()))
@@ -62,11 +62,11 @@ def test_the_cache_is_read_whole_with_a_summary_of_its_round_trip_errors(workdir
 def test_a_cache_of_other_inputs_or_other_rows_is_refused_saying_how_to_rebuild(workdir):
     write_cache(np.arange(20))
     with pytest.raises(shards.ShardCacheError, match="prior") as info:
-        reversal_cache.load_cache(TASK, CONFIG, INPUTS["dataset"], "q" * 64)
-    assert "dvc repro reverse" in str(info.value)
+        reversal_cache.load_cache(DATASET, CONFIG, INPUTS["dataset"], "q" * 64)
+    assert f"dvc repro reverse@{DATASET}" in str(info.value)
     write_cache(np.arange(1, 21), overwrite=True)  # a cache of another dataset's rows
     with pytest.raises(shards.ShardCacheError, match="rows are not 0..N-1 in order"):
-        reversal_cache.load_cache(TASK, CONFIG, INPUTS["dataset"], INPUTS["prior"])
+        reversal_cache.load_cache(DATASET, CONFIG, INPUTS["dataset"], INPUTS["prior"])
 
 
 def test_the_round_trip_summary_floors_exact_zeros_and_bins_every_row():

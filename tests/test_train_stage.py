@@ -18,6 +18,7 @@ from stages.core import checkpoints, policy_file, training_loop
 from stages.core.agents import bc_flow
 
 ROOT = Path(__file__).resolve().parents[1]
+DATASET, NUMBER = "cube-single-play-v0", 2
 TASK = "cube-single-play-singletask-task2-v0"
 AGENT = "bc_flow"
 TINY = {
@@ -41,13 +42,13 @@ def repo(tmp_path_factory) -> Path:
     """A working directory with a tiny params.yaml and a generated dataset in data/datasets."""
     repo = tmp_path_factory.mktemp("train_stage")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tasks"], params["seeds"] = [TASK], [0, 1]
+    params["datasets"], params["tasks"], params["seeds"] = [DATASET], [NUMBER], [0, 1]
     params["agents"] = {"rql": [], "rql_cached": [], "fql": [], "bc_flow": [AGENT]}
     for section, values in TINY.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    download.main(["--params", str(repo / "params.yaml"), "--out", str(repo / layout.DATASETS),
-                   "--ogbench-dir", str(repo / "no-ogbench")])  # raises on failure
+    download.main(["--dataset", DATASET, "--params", str(repo / "params.yaml"), "--out",
+                   str(repo / layout.dataset_dir(DATASET)), "--ogbench-dir", str(repo / "no-ogbench")])  # raises
     return repo
 
 
@@ -62,11 +63,11 @@ def workdir(repo, monkeypatch, tmp_path_factory) -> Path:
 
 
 def run_stage(seed: int = 0) -> None:
-    train.main(["--agent", AGENT, "--task", TASK, "--seed", str(seed), "--no-progress"])
+    train.main(["--agent", AGENT, "--dataset", DATASET, "--task", str(NUMBER), "--seed", str(seed), "--no-progress"])
 
 
 def run_dir(seed: int = 0) -> Path:
-    return layout.run_dir(AGENT, TASK, seed)
+    return layout.run_dir(AGENT, DATASET, NUMBER, seed)
 
 
 def curves(seed: int = 0) -> dict[str, str]:
@@ -86,7 +87,7 @@ def outputs_left(seed: int = 0) -> list[str]:
 
 
 def checkpoint_dir(seed: int = 0) -> Path:
-    (directory,) = layout.checkpoint_root(AGENT, TASK, seed).iterdir()
+    (directory,) = layout.checkpoint_root(AGENT, DATASET, NUMBER, seed).iterdir()
     return directory
 
 
@@ -204,6 +205,6 @@ def test_a_non_finite_loss_names_the_run_and_its_data_and_leaves_no_outputs(work
         run_stage(seed=1)
     message = str(info.value)
     assert f"run {AGENT}/{TASK}/seed1" in message and str(out) in message
-    assert str(layout.DATASETS / "cube-single-play-v0.npz") in message
+    assert str(layout.dataset_dir(DATASET) / "cube-single-play-v0.npz") in message
     assert "bc_loss became non-finite" in message and "between update steps 1 and 50" in message
     assert outputs_left(1) == []  # the stale summary and live/ are gone, no new policy

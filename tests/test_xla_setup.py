@@ -72,8 +72,8 @@ print("XLA_FLAGS when JAX's backend started:", seen[0] if seen else "never start
 
 
 @pytest.mark.parametrize("stage,args", [
-    ("stages.prior", ["--task", "cube-single-play-singletask-task2-v0"]),
-    ("stages.evaluate", ["--agent", "rql", "--task", "cube-single-play-singletask-task2-v0", "--seed", "0"]),
+    ("stages.prior", ["--dataset", "cube-single-play-v0"]),
+    ("stages.evaluate", ["--agent", "rql", "--dataset", "cube-single-play-v0", "--task", "2", "--seed", "0"]),
 ])
 def test_a_real_stage_starts_jax_with_the_flags(tmp_path, stage, args):
     """The stage's own entry point, as DVC runs it: the flags are in XLA_FLAGS when its backend starts (the

@@ -1,6 +1,6 @@
-"""The datasets a study's tasks need: downloaded from OGBench, copied from OGBench's folder, or generated here.
+"""One dataset of a study, into its own folder: downloaded from OGBench, copied from OGBench's folder, or generated.
 
-For each dataset (`data.source`):
+Where it comes from (`data.source`):
 - download (`data.episodes: null` only: OGBench's published datasets): copied from `ogbench_dir` (OGBench's own
   download folder, outside the repository: a warning says so and the manifest records it) when both files are
   there, else fetched with OGBench's `download_datasets`;
@@ -10,10 +10,11 @@ For each dataset (`data.source`):
   so; with a number, generate. Expert-policy datasets (antmaze, humanoidmaze, antsoccer) cannot be generated:
   offline they fail with an error saying what to do.
 
-Files keep OGBench's own names and format: `<dataset>.npz`, `<dataset>-val.npz` (100m datasets: a folder of
+The folder holds OGBench's own names and format: `<dataset>.npz`, `<dataset>-val.npz` (100m datasets:
 `<stem>-NNN.npz` / `<stem>-NNN-val.npz`), and `manifest.json` (source, episodes, seed, sha256 of every file, ogbench
 and mujoco versions), written last. Every file is validated and written atomically; identical settings give
-byte-identical files.
+byte-identical files, whatever other datasets the study has (generation seeds depend on `data.seed`, the split, the
+file and the episode only).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from stages.core.files import atomic_path, sha256_file, temporaries, write_json
 from stages.core.ogbench_data import DatasetFileError, validate_raw_file, write_npz
 from stages.core.ogbench_generate import Recipe, generate_splits, recipe_for_dataset
-from stages.core.ogbench_names import TaskSpec, parse_task, shard_file_names
+from stages.core.ogbench_names import DatasetSpec, check_dataset, shard_file_names
 
 if TYPE_CHECKING:
     from stages.params import DataParams
@@ -54,34 +55,29 @@ class DatasetUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class DatasetPlan:
-    """One dataset the tasks need, and the files it consists of."""
+    """One dataset and the files it consists of."""
 
     dataset: str
-    spec: TaskSpec  # of a task that uses it (dataset-level facts only)
-    file_pairs: tuple[tuple[str, str], ...]  # (train, val) paths relative to the output folder
+    spec: DatasetSpec
+    file_pairs: tuple[tuple[str, str], ...]  # (train, val) names in the dataset's folder
 
     @property
     def files(self) -> list[str]:
         return [name for pair in self.file_pairs for name in pair]
 
+    def ogbench_path(self, name: str) -> str:
+        """Where OGBench's own folder keeps the file ``name``: beside the others, a large dataset's in its folder."""
+        return f"{self.dataset}/{name}" if self.spec.is_large else name
 
-def plan_datasets(tasks: list[str], shards: int) -> list[DatasetPlan]:
-    """The distinct datasets of ``tasks``, in first-use order, with their file names (``shards`` files of a large
-    dataset)."""
-    plans: dict[str, DatasetPlan] = {}
-    for task in tasks:
-        spec = parse_task(task)
-        if spec.dataset in plans:
-            continue
-        if spec.is_large:
-            pairs = tuple(
-                tuple(f"{spec.dataset}/{name}" for name in shard_file_names(spec.shard_stem, index))
-                for index in range(shards)
-            )
-        else:
-            pairs = ((f"{spec.dataset}.npz", f"{spec.dataset}-val.npz"),)
-        plans[spec.dataset] = DatasetPlan(dataset=spec.dataset, spec=spec, file_pairs=pairs)
-    return list(plans.values())
+
+def plan_dataset(dataset: str, shards: int) -> DatasetPlan:
+    """The dataset's file names (``shards`` files of a large dataset)."""
+    spec = check_dataset(dataset)
+    if spec.is_large:
+        pairs = tuple(shard_file_names(spec.shard_stem, index) for index in range(shards))
+    else:
+        pairs = ((f"{dataset}.npz", f"{dataset}-val.npz"),)
+    return DatasetPlan(dataset=dataset, spec=spec, file_pairs=pairs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,8 +86,8 @@ def plan_datasets(tasks: list[str], shards: int) -> list[DatasetPlan]:
 
 
 def _owned_files(out: Path) -> Iterator[Path]:
-    """Files this stage writes: the manifest, npz files and temporaries, at the top level and one folder down."""
-    for pattern in (MANIFEST, "*.npz", "*.tmp", "*/*.npz", "*/*.tmp"):
+    """Files this stage writes into a dataset's folder: the manifest, npz files and temporaries."""
+    for pattern in (MANIFEST, "*.npz", "*.tmp"):
         yield from out.glob(pattern)
 
 
@@ -99,9 +95,6 @@ def clean_outputs(out: Path) -> None:
     """Remove what an earlier (possibly interrupted) run left, so nothing stale looks complete."""
     for path in _owned_files(out):
         path.unlink()
-    for folder in out.glob("*-v[0-9]*"):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
 
 
 def remove_dataset_files(out: Path, plan: DatasetPlan) -> None:
@@ -141,17 +134,17 @@ def download_dataset(plan: DatasetPlan, out: Path, ogbench_dir: Path, download: 
     """Bring the dataset's files into `out`: copies from `ogbench_dir` when present there, else a download.
     Returns the source recorded in the manifest. Network failures propagate (NETWORK_ERRORS)."""
     copied = downloaded = 0
+    base_url = f"{OGBENCH_URL}/{plan.dataset}" if plan.spec.is_large else OGBENCH_URL
     for train, val in plan.file_pairs:
-        if (ogbench_dir / train).is_file() and (ogbench_dir / val).is_file():
-            for name in (train, val):
+        theirs = [ogbench_dir / plan.ogbench_path(name) for name in (train, val)]
+        if all(path.is_file() for path in theirs):
+            for name, source in zip((train, val), theirs):
                 with atomic_path(out / name) as tmp:
-                    shutil.copyfile(ogbench_dir / name, tmp)
+                    shutil.copyfile(source, tmp)
             copied += 1
             continue
-        folder = (out / train).parent
-        base_url = OGBENCH_URL if folder == out else f"{OGBENCH_URL}/{plan.dataset}"
         log.info("%s: downloading %s with OGBench", plan.dataset, train)
-        download([Path(train).name.removesuffix(".npz")], folder, base_url)
+        download([train.removesuffix(".npz")], out, base_url)
         downloaded += 1
     if copied:
         log.warning(
@@ -209,7 +202,6 @@ def generate_dataset(plan: DatasetPlan, data: DataParams, out: Path) -> Recipe:
             data.workers,
         )
         for name, split in ((train, "train"), (val, "val")):
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
             write_npz(out / name, splits[split])
     return recipe
 
@@ -247,7 +239,7 @@ def _offline_message(plan: DatasetPlan, error: BaseException) -> str:
         f"{plan.dataset}: download failed ({error}). OGBench collected this dataset with trained expert policies "
         f"whose weights are only on the OGBench download server, so it cannot be generated locally. Run this stage on "
         f"a machine with internet (then `dvc push` to share the result), or place the OGBench files "
-        f"{', '.join(plan.files[:2])}{' ...' if len(plan.files) > 2 else ''} in the OGBench data folder "
+        f"{', '.join(map(plan.ogbench_path, plan.files[:2]))}{' ...' if len(plan.files) > 2 else ''} in the OGBench data folder "
         f"(~/.ogbench/data, or --ogbench-dir), where this stage looks before downloading."
     )
 
@@ -296,35 +288,19 @@ def library_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in ("ogbench", "mujoco", "numpy", "gymnasium")}
 
 
-def obtain_datasets(
-    tasks: list[str], data: DataParams, out: Path, ogbench_dir: Path, download: Downloader = ogbench_download
+def obtain_dataset_folder(
+    dataset: str, data: DataParams, out: Path, ogbench_dir: Path, download: Downloader = ogbench_download
 ) -> dict[str, Any]:
-    """Every dataset of ``tasks`` into ``out`` (what an earlier run left removed first), then the manifest, written
-    last and atomically. Returns the manifest."""
+    """The dataset's files into its folder ``out`` (what an earlier run left removed first), then the manifest,
+    written last and atomically: ``{"datasets": {dataset: entry}, "versions": ...}``. Returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     clean_outputs(out)
-    plans = plan_datasets(tasks, data.shards)
-    log.info(
-        "tasks %s need datasets %s (source: %s)",
-        ", ".join(tasks),
-        ", ".join(p.dataset for p in plans),
-        data.source,
-    )
-    datasets = {}
-    for plan in plans:
-        started = time.perf_counter()
-        datasets[plan.dataset] = obtain_dataset(plan, data, out, ogbench_dir, download)
-        log.info(
-            "%s: done (%s) in %.1f s",
-            plan.dataset,
-            datasets[plan.dataset]["source"],
-            time.perf_counter() - started,
-        )
-    manifest = {
-        "datasets": datasets,
-        "tasks": {task: parse_task(task).dataset for task in tasks},
-        "versions": library_versions(),
-    }
+    plan = plan_dataset(dataset, data.shards)
+    log.info("%s (source: %s) into %s", dataset, data.source, out)
+    started = time.perf_counter()
+    entry = obtain_dataset(plan, data, out, ogbench_dir, download)
+    log.info("%s: done (%s) in %.1f s", dataset, entry["source"], time.perf_counter() - started)
+    manifest = {"datasets": {dataset: entry}, "versions": library_versions()}
     write_json(out / MANIFEST, manifest)
     log.info("wrote %s", out / MANIFEST)
     return manifest

@@ -309,15 +309,14 @@ def validate_raw_file(path: str | Path, **expectations: Any) -> RawSummary:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def dataset_files(dataset_dir: str | Path, dataset: str) -> list[tuple[Path, Path]]:
-    """(train, val) path pairs of a dataset: one pair for a 1M dataset (`<dir>/<dataset>.npz`), the sorted pairs in
-    `<dir>/<dataset>/` for a large one. DatasetFileError when a file is missing."""
-    dataset_dir = Path(dataset_dir)
+def dataset_files(folder: str | Path, dataset: str) -> list[tuple[Path, Path]]:
+    """(train, val) path pairs of a dataset in its own folder: one pair for a 1M dataset (`<folder>/<dataset>.npz`),
+    the sorted pairs `<folder>/<stem>-NNN.npz` for a large one. DatasetFileError when a file is missing."""
+    folder = Path(folder)
     stem = large_dataset_stem(dataset)
     if stem is None:
-        pairs = [(dataset_dir / f"{dataset}.npz", dataset_dir / f"{dataset}-val.npz")]
+        pairs = [(folder / f"{dataset}.npz", folder / f"{dataset}-val.npz")]
     else:
-        folder = dataset_dir / dataset
         trains = sorted(p for p in folder.glob(f"{stem}-*.npz") if _SHARD_RE.search(p.name))
         if not trains:
             raise DatasetFileError(f"{folder}: no files {stem}-NNN.npz of the large dataset {dataset}")

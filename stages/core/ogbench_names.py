@@ -236,11 +236,6 @@ def env_for_task(task: str) -> str:
     return parse_task(task).env
 
 
-def datasets_for_tasks(tasks: list[str]) -> list[str]:
-    """The distinct datasets the tasks need, in first-use order."""
-    return list(dict.fromkeys(dataset_for_task(t) for t in tasks))
-
-
 def environment(task: str) -> str:
     """The environment a task belongs to, named as the paper's per-environment tables do (`DatasetSpec.environment`)."""
     return parse_task(task).environment

@@ -1,9 +1,10 @@
 """The reference implementation's per-environment RQL settings, and the settings of environments it never ran.
 
 `PRESETS` is the reference's command list, as `stages/reference/rql_hyperparameters.csv` records it (a test checks
-that the two agree). A task whose environment has no entry (e.g. cube-single) gets `DEFAULT_PRESET` (alpha 3.0,
+that the two agree). A dataset whose environment has no entry (e.g. cube-single) gets `DEFAULT_PRESET` (alpha 3.0,
 expectile 0.9, rho 0.5, h 5, discount 0.99), whose sparse flag follows the reference's rule by environment family:
-sparse rewards for scene and puzzle, dense otherwise.
+sparse rewards for scene and puzzle, dense otherwise. Presets are per environment and dataset type, never per task:
+every task of a dataset gets the same settings, so one BC prior and one reversal cache serve all of them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from stages.core.ogbench_names import parse_task
+from stages.core.ogbench_names import parse_dataset
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,10 @@ DEFAULT_PRESET = Preset(alpha=3.0, expectile=0.9, rho=0.5, h=5, discount=0.99, s
 PRESET_NAMES = ("auto", "default", *PRESETS)
 
 
-def preset_for_task(task: str) -> tuple[str, Preset]:
-    """(name, preset) of the task's own environment: its `PRESETS` entry, else 'default' with the family sparse rule."""
-    spec = parse_task(task)
+def preset_for_dataset(dataset: str) -> tuple[str, Preset]:
+    """(name, preset) of the dataset's own environment: its `PRESETS` entry, else 'default' with the family sparse
+    rule."""
+    spec = parse_dataset(dataset)
     if spec.preset_key in PRESETS:
         return spec.preset_key, PRESETS[spec.preset_key]
     return "default", dataclasses.replace(DEFAULT_PRESET, sparse=spec.sparse_family)
