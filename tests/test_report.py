@@ -163,6 +163,10 @@ def test_one_seed_tables_use_the_wilson_interval_and_average_by_environment(tmp_
     assert rql["env"] == {"cube-single": pytest.approx(cube, abs=0.005), "puzzle-3x3": pytest.approx(puzzle, abs=0.005)}
     assert rql["overall"] == pytest.approx((cube + puzzle) / 2, abs=0.005)
 
+    # One reversal cache per dataset, whichever of its tasks the cached runs trained on.
+    caches = table_with(tables, "median error")
+    assert sorted(caches) == [CUBE, PUZZLE] and caches[CUBE]["method"] == "exact"
+
     out = tmp_path / "reports"
     html = (out / "index.html").read_text()
     assert "Wilson interval over the 20 episodes" in html

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from stages.core.ogbench_names import environment, parse_task
+from stages.core.ogbench_names import dataset_for_task, environment, parse_task
 from stages.core.paper_numbers import PAPER_AGENTS, paper_env_mean, paper_success
 from stages.core.stats import seed_interval
 
@@ -166,14 +166,15 @@ def reversal_table(evals: pd.DataFrame, summaries: pd.DataFrame) -> pd.DataFrame
 
 
 def cache_summaries(summaries: pd.DataFrame, tasks: list[str], seed: int) -> tuple[dict[str, dict], pd.DataFrame]:
-    """Round-trip error of each task's reversal cache, as the first cached run of ``seed`` read it: the
-    histograms by label, and a table."""
-    cached = summaries[summaries["cache"].notna() & (summaries["seed"] == seed)].drop_duplicates("task")
+    """Round-trip error of each dataset's reversal cache (one per dataset, shared by its tasks), as the first cached
+    run of ``seed`` on one of ``tasks`` read it: the histograms by label, and a table."""
+    cached = summaries[summaries["cache"].notna() & (summaries["seed"] == seed)]
+    cached = cached.assign(dataset=cached["task"].map(dataset_for_task)).drop_duplicates("dataset")
     histograms, rows = {}, []
-    for task in tasks:
-        for cache in cached.loc[cached["task"] == task, "cache"]:
-            histograms[f"{task.replace('-singletask', '')} ({cache['method']})"] = cache["histogram"]
-            rows.append({"task": task, "method": cache["method"], "rows": cache["rows"],
+    for dataset in dict.fromkeys(map(dataset_for_task, tasks)):
+        for cache in cached.loc[cached["dataset"] == dataset, "cache"]:
+            histograms[f"{dataset} ({cache['method']})"] = cache["histogram"]
+            rows.append({"dataset": dataset, "method": cache["method"], "rows": cache["rows"],
                          "median error": f"{cache['median']:.2e}", "p99 error": f"{cache['p99']:.2e}",
                          "max error": f"{cache['max']:.2e}"})  # fmt: skip
     return histograms, pd.DataFrame(rows)
