@@ -17,8 +17,8 @@ this process: its episodes, and its total with env creation and compilation (in-
 training pays no imports). ``--repo`` may be given several times (e.g. a checkout of the old code) to time the
 stages side by side, alternating within each repeat; a checkout without the timeline hook gets wall times only.
 
-Needs a trained policy at <repo>/data/runs/<agent>/<task>/seed<k>/policy.msgpack (the train stages' output) and the
-task, agent and seed in the repo's params.yaml.
+Needs a trained policy at <repo>/data/runs/<agent>/<dataset>/task<k>/seed<s>/policy.msgpack (the train stages'
+output) and the dataset, task number, agent and seed in the repo's params.yaml.
 
     MUJOCO_GL=egl .venv/bin/python benchmarks/evaluate_stage.py --agent rql --repeats 3
     MUJOCO_GL=egl .venv/bin/python benchmarks/evaluate_stage.py --repo . --repo /tmp/old-checkout --no-reference
@@ -40,6 +40,11 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from stages import layout  # paths only: this process stays light
+from stages.core.ogbench_names import task_name
+
 TIMELINE_ENV = "RQL_EVAL_TIMELINE"  # stages.core.rollout.TIMELINE_ENV (not imported: this process stays light)
 
 
@@ -47,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", action="append", default=None, help="repository to run the stage in (repeatable)")
     parser.add_argument("--agent", default="rql")
-    parser.add_argument("--task", default="cube-single-play-singletask-task2-v0")
+    parser.add_argument("--dataset", default="cube-single-play-v0")
+    parser.add_argument("--task", type=int, default=2, help="task number of the dataset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--params", default="params.yaml", help="params file, relative to each repo")
     parser.add_argument("--repeats", type=int, default=3)
@@ -56,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bytecode", action="store_true",
                         help="let the stage's processes cache bytecode in a private folder (PYTHONPYCACHEPREFIX), "
                              "as a venv with .pyc files would; off: as this environment is")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.task_name = task_name(args.dataset, args.task)  # OGBench's singletask name
+    return args
 
 
 def run_stage(repo: Path, args: argparse.Namespace, cache: Path, pycache: Path | None) -> dict:
@@ -67,8 +75,8 @@ def run_stage(repo: Path, args: argparse.Namespace, cache: Path, pycache: Path |
     if pycache is not None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(pycache)
-    cmd = [sys.executable, "-m", "stages.evaluate", "--agent", args.agent, "--task", args.task, "--seed",
-           str(args.seed), "--params", args.params, "--no-progress"]
+    cmd = [sys.executable, "-m", "stages.evaluate", "--agent", args.agent, "--dataset", args.dataset, "--task",
+           str(args.task), "--seed", str(args.seed), "--params", args.params, "--no-progress"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     proc = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -83,7 +91,7 @@ def run_stage(repo: Path, args: argparse.Namespace, cache: Path, pycache: Path |
         name, stamp = line.split("\t")
         events.setdefault(name, float(stamp) - start)
     os.unlink(timeline)
-    record = json.loads((repo / "data" / "evals" / args.agent / args.task / f"seed{args.seed}.json").read_text())
+    record = json.loads((repo / layout.eval_json(args.agent, args.dataset, args.task, args.seed)).read_text())
     return {"wall": wall, "cpu": cpu, "events": events, "summary": record["summary"], "episodes": record["episodes"]}
 
 
@@ -117,8 +125,8 @@ def reference(args: argparse.Namespace, policy: Path, episodes: int) -> dict:
     from stages.core.ogbench_names import resolve_env_id
 
     start = time.perf_counter()
-    sample_one, _, _ = es.load_exported_policies(str(policy), args.task)
-    env = es.ChunkQueue(es.StepMonitor(gymnasium.make(resolve_env_id(args.task))))
+    sample_one, _, _ = es.load_exported_policies(str(policy), args.task_name)
+    env = es.ChunkQueue(es.StepMonitor(gymnasium.make(resolve_env_id(args.task_name))))
     obs, _ = env.reset(seed=0)
     np.asarray(sample_one(obs, jax.random.PRNGKey(0)))  # compile
     setup = time.perf_counter() - start
@@ -132,11 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     repos = [Path(r).resolve() for r in (args.repo or [str(ROOT)])]
     for repo in repos:
-        if not (repo / "data" / "runs" / args.agent / args.task / f"seed{args.seed}" / "policy.msgpack").is_file():
-            raise SystemExit(f"no policy for ({args.agent}, {args.task}, seed {args.seed}) in {repo}/data/runs")
+        if not (repo / layout.run_dir(args.agent, args.dataset, args.task, args.seed) / "policy.msgpack").is_file():
+            raise SystemExit(f"no policy for ({args.agent}, {args.task_name}, seed {args.seed}) in {repo}/data/runs")
     bytecode = "private pyc cache" if args.bytecode else (
         "no bytecode cache (PYTHONDONTWRITEBYTECODE)" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "default")
-    print(f"evaluate stage: {args.agent} on {args.task} seed {args.seed}; {args.repeats} repeats; {os.cpu_count()} "
+    print(f"evaluate stage: {args.agent} on {args.task_name} seed {args.seed}; {args.repeats} repeats; {os.cpu_count()} "
           f"CPUs; bytecode: {bytecode}; load average {_load()}")
     scratch = Path(tempfile.mkdtemp(prefix="evaluate-stage-bench."))
     runs: dict[tuple[Path, str], list[dict]] = {}
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stage {repo} [{mode} compilation cache]: " + ", ".join(parts))
 
     if not args.no_reference:
-        policy = repos[0] / "data" / "runs" / args.agent / args.task / f"seed{args.seed}" / "policy.msgpack"
+        policy = repos[0] / layout.run_dir(args.agent, args.dataset, args.task, args.seed) / "policy.msgpack"
         refs = [reference(args, policy, episodes) for _ in range(args.reference_repeats)]
         print(f"reference loop (in process): episodes {span([x['loop'] for x in refs], '{:.2f}')} s, with env "
               f"creation + compilation {span([x['total'] for x in refs], '{:.2f}')} s, steady "

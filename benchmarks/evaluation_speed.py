@@ -19,7 +19,7 @@ gymnasium step, the fast stepper, and MuJoCo alone on the controls the stepper a
 would reach with every core fully busy doing only fast steps (or only physics), nothing else.
 
     MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py            # 50 episodes, ~1-2 minutes
-    MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py --policy data/runs/rql/<task>/seed0/policy.msgpack
+    MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py --policy data/runs/rql/<dataset>/task<k>/seed0/policy.msgpack
     MUJOCO_GL=egl .venv/bin/python benchmarks/evaluation_speed.py --episodes 10 --hidden 256,256
 """
 

@@ -39,7 +39,8 @@ def stage_names(workspace: Path) -> list[str]:
 
 
 def order_by_task(names: list[str]) -> list[str]:
-    """Keep DVC's order, but run the train and evaluate stages task by task (all agents of a task together)."""
+    """Keep DVC's order, but run the train and evaluate stages task by task (all agents of a task together);
+    stage items are ``<agent>-<dataset>-<task number>-<seed>``."""
     runs = [n for n in names if n.startswith(("train_", "evaluate_"))]
     if not runs:
         return names
@@ -77,9 +78,10 @@ def run_stage(workspace: Path, stage: str) -> dict:
 
 
 def progress(workspace: Path) -> dict[str, dict[int, float]]:
-    """Run (agent/task/seed) -> {step: eval success %} from the newest checkpoint of each run, and the newest step."""
+    """Run (agent/dataset/task<k>/seed<s>) -> {step: eval success %} from the newest checkpoint of each run, and the
+    newest step."""
     curves: dict[str, dict[int, float]] = {}
-    for run in sorted((workspace / "data" / "checkpoints").glob("*/*/seed*/*")):
+    for run in sorted((workspace / "data" / "checkpoints").glob("*/*/task*/seed*/*")):
         steps = sorted((int(p.name), p) for p in run.iterdir() if p.name.isdigit() and (p / "extras").is_dir())
         if not steps:
             continue
@@ -88,7 +90,7 @@ def progress(workspace: Path) -> dict[str, dict[int, float]]:
             history = json.loads((folder / "extras" / "metadata").read_text())["history"]
         except (OSError, ValueError, KeyError):
             continue
-        name = "/".join(run.relative_to(workspace / "data" / "checkpoints").parts[:3])
+        name = "/".join(run.relative_to(workspace / "data" / "checkpoints").parts[:4])
         curve = {int(step): float(row["eval/success"]) for step, row in history if "eval/success" in row}
         curves[name] = {**curve, -1: float(newest)}  # -1: the newest saved step
     return curves

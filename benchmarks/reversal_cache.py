@@ -1,7 +1,7 @@
 """Reversal-cache benchmark: reversal throughput and round-trip error (exact vs euler) through a trained prior,
 and the peak RSS of the real `reverse` stage and of reading its shards on a dataset `--scale` times the default.
 
-    .venv/bin/python benchmarks/reversal_cache.py --dataset data/datasets/cube-single-play-v0.npz
+    .venv/bin/python benchmarks/reversal_cache.py --dataset data/datasets/cube-single-play-v0/cube-single-play-v0.npz
 
 Steps, each measured in this one run:
 1. train a BC flow prior (the `prior` stage's config at the default params) for `--prior-steps` steps;
@@ -28,7 +28,6 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK = "cube-single-play-singletask-task2-v0"
 DATASET = "cube-single-play-v0"
 
 PEAK_RSS = "float(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024"
@@ -65,7 +64,7 @@ def trained_prior(params, data, steps: int):
     from stages.core import batches, training_loop
     from stages.core.agents import bc_flow
 
-    config = prior_config(params, TASK, data.obs_dim, data.action_dim)
+    config = prior_config(params, DATASET, data.obs_dim, data.action_dim)
     per_call = 100
     schedule = training_loop.Schedule(total_steps=steps, updates_per_call=per_call, log_every=steps,
                                       checkpoint_every=steps)
@@ -111,21 +110,21 @@ def scaled_dataset(source: Path, scale: int, target: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", type=Path, default=ROOT / "data" / "datasets" / f"{DATASET}.npz")
+    parser.add_argument("--dataset", type=Path, default=ROOT / "data" / "datasets" / DATASET / f"{DATASET}.npz")
     parser.add_argument("--prior-steps", type=int, default=3000)
     parser.add_argument("--rows", type=int, default=20000, help="chunks for the exact-vs-euler comparison")
     parser.add_argument("--scale", type=int, default=10, help="stage run on a dataset this many times larger")
     args = parser.parse_args()
     if not args.dataset.is_file():
-        raise SystemExit(f"{args.dataset}: no dataset; run `dvc repro download` first or pass --dataset")
+        raise SystemExit(f"{args.dataset}: no dataset; run `dvc repro download@{DATASET}` first or pass --dataset")
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     from stages.params import load_params
-    from stages.task_data import load_task_data
+    from stages.task_data import load_dataset_data
 
     print(f"load average at start: {load_uptime()}")
     params = load_params(ROOT / "params.yaml")
-    data = load_task_data(params, TASK, dataset_dir=args.dataset.parent)
+    data = load_dataset_data(DATASET, folder=args.dataset.parent)
     config, prior = trained_prior(params, data, args.prior_steps)
     speed = reversal_speed(config, prior, data, min(args.rows, data.size), params.reverse.batch_size, params)
     for method, figures in speed.items():
@@ -136,20 +135,20 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="reversal-bench-"))
     try:
-        datasets = work / "data" / "datasets"
-        datasets.mkdir(parents=True)
-        rows = scaled_dataset(args.dataset, args.scale, datasets)
+        folder = work / "data" / "datasets" / DATASET
+        folder.mkdir(parents=True)
+        rows = scaled_dataset(args.dataset, args.scale, folder)
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
         (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        policy_file.save_policy(work / "data" / "priors" / TASK / "policy.msgpack", prior,
-                                {"algorithm": "bc_flow", "task": TASK})
+        policy_file.save_policy(work / "data" / "priors" / DATASET / "policy.msgpack", prior,
+                                {"algorithm": "bc_flow", "dataset": DATASET})
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         started = time.perf_counter()
-        stage = subprocess.run([sys.executable, "-c", STAGE_SCRIPT, "--task", TASK, "--no-progress"], cwd=work,
+        stage = subprocess.run([sys.executable, "-c", STAGE_SCRIPT, "--dataset", DATASET, "--no-progress"], cwd=work,
                                env=env, check=True, capture_output=True, text=True)
         elapsed = time.perf_counter() - started
         stage_rss = float(stage.stderr.rsplit("peak_rss_mb", 1)[1].split()[0])
-        cache = work / "data" / "reversed" / TASK
+        cache = work / "data" / "reversed" / DATASET
         manifest = json.loads((cache / "manifest.json").read_text())
         shard_bytes = sum(s["bytes"] for s in manifest["shards"])
         print(f"reverse stage on {rows} rows ({args.scale}x the dataset, {params.reverse.method}): {elapsed:.1f} s "

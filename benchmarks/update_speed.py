@@ -4,7 +4,7 @@
     (E, B, 512) x (E, 512, 512), each a chain of matmuls in one jitted call, best of several. The reference rate is
     the best of all of them, before and after the updates and of the probes below (the hardest bar to reach).
 (b) the RQL update at the paper configuration: 4x512 MLPs, ensemble 10, F = 10, batch 256, h = 5;
-(c) the default configuration of params.yaml (first task, its preset): RQL with the online reversal of
+(c) the default configuration of params.yaml (first dataset, its preset): RQL with the online reversal of
     `agent.reversal_method` and with the other method, FQL and BC-flow.
 
 Data are synthetic, shaped like cube-single (obs 28, d = 5, 100k rows, 1000-row episodes). Each update is compiled
@@ -154,8 +154,8 @@ def configs(params_path: Path) -> dict[str, tuple[object, object, int]]:
         ensemble=10,
     )
     params = load_params(params_path)
-    task = params.tasks[0]
-    default = {name: run_spec(params, name, task, OBS_DIM, ACTION_DIM) for name in ("rql", "fql", "bc_flow")}
+    dataset = params.datasets[0]
+    default = {name: run_spec(params, name, dataset, OBS_DIM, ACTION_DIM) for name in ("rql", "fql", "bc_flow")}
     online = default["rql"].config
     other = "exact" if online.reversal_method == "euler" else "euler"
     return {

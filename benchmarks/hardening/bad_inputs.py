@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from benchmarks.hardening.common import (
-    TASK,
+    DATASET,
+    NUMBER,
     Result,
     clone_study,
     environment,
@@ -33,22 +34,25 @@ from benchmarks.hardening.common import (
 
 PY = [sys.executable, "-m"]
 DVC = [sys.executable, "-m", "dvc"]
-DATASET = "data/datasets/cube-single-play-v0.npz"
-CACHE = f"data/reversed/{TASK}"
-PRIOR = f"data/priors/{TASK}/policy.msgpack"
-RUN_BC = f"data/runs/bc_flow/{TASK}/seed0"
-RUN_CACHED = f"data/runs/rql_cached/{TASK}/seed0"
-EVAL_BC = f"data/evals/bc_flow/{TASK}/seed0"
-CHECKPOINTS_BC = f"data/checkpoints/bc_flow/{TASK}/seed0"
+DATASET_DIR = f"data/datasets/{DATASET}"
+DATASET_FILE = f"{DATASET_DIR}/{DATASET}.npz"
+CACHE = f"data/reversed/{DATASET}"
+PRIOR = f"data/priors/{DATASET}/policy.msgpack"
+TASK_RUN = f"{DATASET}/task{NUMBER}/seed0"  # below each agent's folder in data/runs, data/evals, data/checkpoints
+RUN_BC = f"data/runs/bc_flow/{TASK_RUN}"
+RUN_CACHED = f"data/runs/rql_cached/{TASK_RUN}"
+EVAL_BC = f"data/evals/bc_flow/{TASK_RUN}"
+CHECKPOINTS_BC = f"data/checkpoints/bc_flow/{TASK_RUN}"
 
-PRIOR_CMD = [*PY, "stages.prior", "--task", TASK]
-REVERSE_CMD = [*PY, "stages.reverse", "--task", TASK]
-TRAIN_BC_CMD = [*PY, "stages.train", "--agent", "bc_flow", "--task", TASK, "--seed", "0", "--no-progress"]
-TRAIN_CACHED_CMD = [*PY, "stages.train", "--agent", "rql_cached", "--task", TASK, "--seed", "0", "--no-progress"]
-EVAL_CMD = [*PY, "stages.evaluate", "--agent", "bc_flow", "--task", TASK, "--seed", "0", "--no-progress"]
-DOWNLOAD_CMD = [*PY, "stages.download"]
+RUN_ARGS = ["--dataset", DATASET, "--task", str(NUMBER), "--seed", "0", "--no-progress"]
+PRIOR_CMD = [*PY, "stages.prior", "--dataset", DATASET]
+REVERSE_CMD = [*PY, "stages.reverse", "--dataset", DATASET]
+TRAIN_BC_CMD = [*PY, "stages.train", "--agent", "bc_flow", *RUN_ARGS]
+TRAIN_CACHED_CMD = [*PY, "stages.train", "--agent", "rql_cached", *RUN_ARGS]
+EVAL_CMD = [*PY, "stages.evaluate", "--agent", "bc_flow", *RUN_ARGS]
+DOWNLOAD_CMD = [*PY, "stages.download", "--dataset", DATASET]
 
-PRIOR_OUTS = (f"data/priors/{TASK}",)
+PRIOR_OUTS = (f"data/priors/{DATASET}",)
 TRAIN_BC_OUTS = (f"{RUN_BC}/policy.msgpack", f"{RUN_BC}/summary.json", f"{RUN_BC}/live")
 TRAIN_CACHED_OUTS = (f"{RUN_CACHED}/policy.msgpack", f"{RUN_CACHED}/summary.json", f"{RUN_CACHED}/live")
 EVAL_OUTS = (EVAL_BC, f"{EVAL_BC}.json")
@@ -119,7 +123,7 @@ def delete(relative: str) -> Callable[[Path], None]:
     return breaks
 
 
-def edit_arrays(edit: Callable[[dict], None], relative: str = DATASET) -> Callable[[Path], None]:
+def edit_arrays(edit: Callable[[dict], None], relative: str = DATASET_FILE) -> Callable[[Path], None]:
     def breaks(study: Path) -> None:
         import numpy as np
 
@@ -135,7 +139,7 @@ def edit_arrays(edit: Callable[[dict], None], relative: str = DATASET) -> Callab
 def pickled_dataset(study: Path) -> None:
     import numpy as np
 
-    with open(study / DATASET, "wb") as stream:
+    with open(study / DATASET_FILE, "wb") as stream:
         np.savez(stream, observations=np.array([{"a": 1}], dtype=object))
 
 
@@ -248,23 +252,23 @@ def _dvc_named(names: tuple[str, ...]) -> Callable[[Path, Path, subprocess.Compl
     """DVC's own errors are acceptable if they name the object: a non-zero exit and an ERROR line naming it."""
     def check(study: Path, reference: Path, result: subprocess.CompletedProcess) -> str | None:
         text = result.stdout + result.stderr
-        workspace_ok = (study / DATASET).is_file() and (study / DATASET).read_bytes() == (
-            reference / DATASET).read_bytes()
+        workspace_ok = (study / DATASET_FILE).is_file() and (study / DATASET_FILE).read_bytes() == (
+            reference / DATASET_FILE).read_bytes()
         if result.returncode == 0:
             if workspace_ok:
                 return None  # DVC noticed and refetched or refused the bad object: the workspace is right
-            present = (study / DATASET).is_file()
+            present = (study / DATASET_FILE).is_file()
             return "exit 0 and the workspace holds " + ("the corrupt object" if present else "no dataset")
         errors = [line for line in text.splitlines() if line.lower().startswith("error")]
         if not errors:
             return f"exit {result.returncode} without an ERROR line"
         try:
-            md5 = _cache_object(reference, DATASET).name  # the object's hash (without its 2-character folder)
+            md5 = _cache_object(reference, DATASET_FILE).name  # the object's hash (without its 2-character folder)
         except (OSError, KeyError, StopIteration, ValueError):
             md5 = "(unknown object)"
         if not any(n.lower() in text.lower() for n in (*names, md5)):
             return f"DVC's output names neither {names} nor the object {md5[:8]}...: {errors[-1][:120]}"
-        if (study / DATASET).is_file() and not workspace_ok:
+        if (study / DATASET_FILE).is_file() and not workspace_ok:
             return "the corrupt object was checked out into the workspace"
         return None
     return check
@@ -335,8 +339,9 @@ def _cases() -> list[Case]:
         _params("unknown top-level key foo", ("foo",), foo=1),
         _params("train.steps a string", ("train.steps",), train__steps="ten"),
         _params("train.steps negative", ("train.steps",), train__steps=-5),
-        _params("bad task name", ("tasks",), tasks=["cube-single-play-singletask-task9-v0"]),
-        _params("not an OGBench name", ("tasks",), tasks=["halfcheetah-medium-v2"]),
+        _params("task number out of range", ("tasks",), tasks=[9]),
+        _params("not an OGBench dataset", ("datasets",), datasets=["halfcheetah-medium-v2"]),
+        _params("duplicate task numbers", ("tasks",), tasks=[2, 2]),
         _params("agent.batch_size 0", ("agent.batch_size",), agent__batch_size=0),
         _params("flow.steps 0", ("flow.steps",), flow__steps=0),
         _params("networks.actor empty", ("networks.actor",), networks__actor=[]),
@@ -358,13 +363,13 @@ def _cases() -> list[Case]:
         Case("params: dvc repro with train.stepz", "params", edit_params(train__stepz=5), [*DVC, "repro"],
              ("train.stepz",), PRIOR_OUTS, check=_default_check(("train.stepz",), (), via_dvc=True)),
         # datasets fed to prior and train
-        Case("dataset: truncated, to prior", "dataset", truncate(DATASET), PRIOR_CMD, ("cube-single-play-v0.npz",),
+        Case("dataset: truncated, to prior", "dataset", truncate(DATASET_FILE), PRIOR_CMD, ("cube-single-play-v0.npz",),
              PRIOR_OUTS),
-        Case("dataset: one byte flipped, to train", "dataset", flip_byte(DATASET), TRAIN_BC_CMD,
+        Case("dataset: one byte flipped, to train", "dataset", flip_byte(DATASET_FILE), TRAIN_BC_CMD,
              ("cube-single-play-v0.npz",), TRAIN_BC_OUTS),
-        Case("dataset: empty file", "dataset", write_text(DATASET, ""), PRIOR_CMD, ("cube-single-play-v0.npz",),
+        Case("dataset: empty file", "dataset", write_text(DATASET_FILE, ""), PRIOR_CMD, ("cube-single-play-v0.npz",),
              PRIOR_OUTS),
-        Case("dataset: missing file, to train", "dataset", delete(DATASET), TRAIN_BC_CMD,
+        Case("dataset: missing file, to train", "dataset", delete(DATASET_FILE), TRAIN_BC_CMD,
              ("cube-single-play-v0.npz",), TRAIN_BC_OUTS),
         Case("dataset: observations float64", "dataset",
              edit_arrays(lambda a: a.update(observations=a["observations"].astype("float64"))), PRIOR_CMD,
@@ -420,10 +425,10 @@ def _cases() -> list[Case]:
         Case("policy: missing", "policy", delete(f"{RUN_BC}/policy.msgpack"), EVAL_CMD, ("policy.msgpack",),
              EVAL_OUTS),
         Case("policy: from another config (FQL's export)", "policy",
-             copy_file(f"data/runs/fql/{TASK}/seed0/policy.msgpack", f"{RUN_BC}/policy.msgpack"), EVAL_CMD,
+             copy_file(f"data/runs/fql/{TASK_RUN}/policy.msgpack", f"{RUN_BC}/policy.msgpack"), EVAL_CMD,
              ("policy.msgpack",), EVAL_OUTS),
         Case("policy: from another run (RQL's export)", "policy",
-             copy_file(f"data/runs/rql/{TASK}/seed0/policy.msgpack", f"{RUN_BC}/policy.msgpack"), EVAL_CMD,
+             copy_file(f"data/runs/rql/{TASK_RUN}/policy.msgpack", f"{RUN_BC}/policy.msgpack"), EVAL_CMD,
              ("policy.msgpack",), EVAL_OUTS),
         # checkpoints: a damaged newest step
         Case("checkpoint: newest step truncated", "checkpoint", damage_checkpoint("truncate"), TRAIN_BC_CMD,
@@ -435,20 +440,20 @@ def _cases() -> list[Case]:
         Case("checkpoint: every step damaged", "checkpoint", damage_checkpoint("flip", every=True), TRAIN_BC_CMD,
              ("checkpoint",), TRAIN_BC_OUTS, check=_recovers_or_names(("checkpoint",))),
         # DVC's cache and remote
-        Case("dvc cache: corrupt object, dvc checkout", "dvc", corrupt_cache_object(DATASET, True),
+        Case("dvc cache: corrupt object, dvc checkout", "dvc", corrupt_cache_object(DATASET_FILE, True),
              [*DVC, "checkout"], ("cube-single-play-v0",), check=_dvc_named(("cube-single-play-v0",))),
         Case("dvc cache: corrupt object checked out, verify_cache", "dvc",
-             _checked_out(corrupt_cache_object(DATASET, True)), [sys.executable, "-m", "stages.verify_cache"],
+             _checked_out(corrupt_cache_object(DATASET_FILE, True)), [sys.executable, "-m", "stages.verify_cache"],
              ("cube-single-play-v0",)),
-        Case("dvc cache: corrupt object, dvc status", "dvc", flip_byte(DATASET), [*DVC, "status"], (),
+        Case("dvc cache: corrupt object, dvc status", "dvc", flip_byte(DATASET_FILE), [*DVC, "status"], (),
              check=_status_names_modified),
-        Case("dvc remote: corrupt object, dvc pull", "dvc", corrupt_remote_object(DATASET), [*DVC, "pull"],
+        Case("dvc remote: corrupt object, dvc pull", "dvc", corrupt_remote_object(DATASET_FILE), [*DVC, "pull"],
              ("cube-single-play-v0",), check=_dvc_named(("cube-single-play-v0",))),
-        Case("dvc remote: missing object, dvc pull", "dvc", corrupt_remote_object(DATASET, drop=True),
+        Case("dvc remote: missing object, dvc pull", "dvc", corrupt_remote_object(DATASET_FILE, drop=True),
              [*DVC, "pull"], ("cube-single-play-v0",), check=_dvc_named(("cube-single-play-v0",))),
         # a full disk during a write (RLIMIT_FSIZE: a write past the limit fails with EFBIG)
-        Case("full disk: download", "disk", delete("data/datasets"), DOWNLOAD_CMD, ("File too large",),
-             ("data/datasets/cube-single-play-v0.npz", "data/datasets/manifest.json"), limit_fsize=20_000),
+        Case("full disk: download", "disk", delete(DATASET_DIR), DOWNLOAD_CMD, ("File too large",),
+             (DATASET_FILE, f"{DATASET_DIR}/manifest.json"), limit_fsize=20_000),
         Case("full disk: reverse", "disk", delete(CACHE), REVERSE_CMD, ("File too large",), (CACHE,),
              limit_fsize=20_000),
         Case("full disk: train", "disk", lambda s: None, TRAIN_BC_CMD, ("File too large",), TRAIN_BC_OUTS,
@@ -494,7 +499,7 @@ def two_repros_at_once(reference: Path, workdir: Path) -> Result:
     study = clone_study(reference, workdir / "lock")
     first = None
     try:
-        command = [*DVC, "repro", "--force", "--single-item", f"train_bc_flow@bc_flow-{TASK}-0"]
+        command = [*DVC, "repro", "--force", "--single-item", f"train_bc_flow@bc_flow-{DATASET}-{NUMBER}-0"]
         first = subprocess.Popen(command, cwd=study, env=environment(), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
         from benchmarks.hardening.common import stage_pythons

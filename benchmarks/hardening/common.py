@@ -21,10 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.test_pipeline import AGENTS, TASK, copy_project, write_tiny_params
+from tests.test_pipeline import AGENTS, DATASET, NUMBER, TASK, copy_project, write_tiny_params
 
 __all__ = [
     "AGENTS",
+    "DATASET",
+    "NUMBER",
     "TASK",
     "Result",
     "build_reference",

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.hardening.common import (
-    TASK,
+    DATASET,
+    NUMBER,
     Result,
     clone_study,
     environment,
@@ -34,7 +35,8 @@ from benchmarks.hardening.common import (
     run,
 )
 
-RUN = f"bc_flow/{TASK}/seed0"
+RUN = f"bc_flow/{DATASET}/task{NUMBER}/seed0"
+RUN_ARGS = ["--dataset", DATASET, "--task", str(NUMBER), "--seed", "0", "--no-progress"]
 _TEMP_NAME = re.compile(r"(\.tmp$|\.partial-|\.old-|^\.|tmp\d|\.orbax-checkpoint-tmp)")
 _TIMING_KEY = re.compile(r"(time|second|duration|elapsed|resumed|date|_s$|^started|^finished)", re.IGNORECASE)
 
@@ -51,16 +53,18 @@ class StageSpec:
 def stage_specs() -> list[StageSpec]:
     py = [sys.executable, "-m"]
     return [
-        StageSpec("download", [*py, "stages.download"], ("data/datasets",), True),
-        StageSpec(f"prior@{TASK}", [*py, "stages.prior", "--task", TASK], (f"data/priors/{TASK}",), True),
-        StageSpec(f"reverse@{TASK}", [*py, "stages.reverse", "--task", TASK], (f"data/reversed/{TASK}",), True),
-        StageSpec(f"train_bc_flow@bc_flow-{TASK}-0",
-                  [*py, "stages.train", "--agent", "bc_flow", "--task", TASK, "--seed", "0", "--no-progress"],
+        StageSpec(f"download@{DATASET}", [*py, "stages.download", "--dataset", DATASET],
+                  (f"data/datasets/{DATASET}",), True),
+        StageSpec(f"prior@{DATASET}", [*py, "stages.prior", "--dataset", DATASET], (f"data/priors/{DATASET}",),
+                  True),
+        StageSpec(f"reverse@{DATASET}", [*py, "stages.reverse", "--dataset", DATASET],
+                  (f"data/reversed/{DATASET}",), True),
+        StageSpec(f"train_bc_flow@bc_flow-{DATASET}-{NUMBER}-0", [*py, "stages.train", "--agent", "bc_flow", *RUN_ARGS],
                   (f"data/runs/{RUN}/policy.msgpack", f"data/runs/{RUN}/summary.json",
                    f"data/runs/{RUN}/live/metrics.json", f"data/runs/{RUN}/live/plots/metrics"), True,
                   (f"data/checkpoints/{RUN}",)),
-        StageSpec(f"evaluate_bc_flow@bc_flow-{TASK}-0",
-                  [*py, "stages.evaluate", "--agent", "bc_flow", "--task", TASK, "--seed", "0", "--no-progress"],
+        StageSpec(f"evaluate_bc_flow@bc_flow-{DATASET}-{NUMBER}-0",
+                  [*py, "stages.evaluate", "--agent", "bc_flow", *RUN_ARGS],
                   (f"data/evals/{RUN}", f"data/evals/{RUN}.json"), True),
         StageSpec("report", [*py, "stages.report"], ("reports",), False),
     ]
