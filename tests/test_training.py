@@ -65,22 +65,25 @@ def test_write_live_that_fails_leaves_the_old_folder_and_no_temporary(tmp_path):
     assert not list(tmp_path.glob(f"{training.LIVE_TMP_PREFIX}*"))
 
 
+RUN = ("rql", "cube-single-play-v0", 2, 0)  # agent, dataset, task number, seed
+
+
 def test_checkpoint_dir_is_named_by_the_settings_and_drops_other_settings_locally(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(layout.CHECKPOINTS_ENV, raising=False)
-    first = training.checkpoint_dir("rql", "task", 0, {"lr": 1e-3})
+    first = training.checkpoint_dir(*RUN, {"lr": 1e-3})
     first.mkdir(parents=True)
-    assert first.parent == layout.checkpoint_root("rql", "task", 0) and first.name == training.fingerprint({"lr": 1e-3})
-    assert training.checkpoint_dir("rql", "task", 0, {"lr": 1e-3}) == first and first.is_dir()
-    second = training.checkpoint_dir("rql", "task", 0, {"lr": 3e-4})
+    assert first.parent == layout.checkpoint_root(*RUN) and first.name == training.fingerprint({"lr": 1e-3})
+    assert training.checkpoint_dir(*RUN, {"lr": 1e-3}) == first and first.is_dir()
+    second = training.checkpoint_dir(*RUN, {"lr": 3e-4})
     assert second != first and not first.exists()  # another setting's checkpoints are removed
 
 
 def test_checkpoint_dir_keeps_other_settings_in_a_shared_location(tmp_path, monkeypatch):
     monkeypatch.setenv(layout.CHECKPOINTS_ENV, str(tmp_path / "shared"))
-    first = training.checkpoint_dir("rql", "task", 0, {"lr": 1e-3})
+    first = training.checkpoint_dir(*RUN, {"lr": 1e-3})
     first.mkdir(parents=True)
-    training.checkpoint_dir("rql", "task", 0, {"lr": 3e-4})
+    training.checkpoint_dir(*RUN, {"lr": 3e-4})
     assert first.is_dir()  # may be another study's run in progress
 
 
