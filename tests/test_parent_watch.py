@@ -45,7 +45,7 @@ def wait_for(condition, seconds: float) -> bool:
 FAKE_DVC = """
 import os, subprocess, sys
 os.environ["DVC_ROOT"] = os.getcwd()
-subprocess.Popen([sys.executable, "-m", "stages.download"]).wait()
+subprocess.Popen([sys.executable, "-m", "stages.download", "--dataset", "cube-single-play-v0"]).wait()
 """
 
 
@@ -67,7 +67,7 @@ def test_download_stage_and_its_generation_workers_die_with_dvc(tmp_path):
     finally:
         for pid in processes_with(marker):
             os.kill(pid, signal.SIGKILL)
-    out = tmp_path / "data" / "datasets"
+    out = tmp_path / "data" / "datasets" / "cube-single-play-v0"
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.npz")) if out.exists() else True  # nothing that looks finished
 
