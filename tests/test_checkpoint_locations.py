@@ -65,23 +65,23 @@ def test_rql_checkpoints_in_the_layout_and_the_run_folder(monkeypatch):
     monkeypatch.delenv(layout.CHECKPOINTS_ENV, raising=False)
     assert layout.checkpoints_dir() == Path("data/checkpoints") and not layout.shared_checkpoints()
     monkeypatch.setenv(layout.CHECKPOINTS_ENV, "/shared/ckpt")
-    assert layout.checkpoint_root("rql", "task", 0) == Path("/shared/ckpt/rql/task/seed0")
+    assert layout.checkpoint_root("rql", "cube-single-play-v0", 2, 0) == Path("/shared/ckpt/rql/cube-single-play-v0/task2/seed0")
     monkeypatch.setenv(layout.CHECKPOINTS_ENV, "shared/ckpt")
     with pytest.raises(ValueError, match="neither an absolute path nor a URL"):
         layout.checkpoints_dir()
     monkeypatch.setenv(layout.CHECKPOINTS_ENV, URL)
     assert os.fspath(layout.checkpoints_dir()) == URL and layout.shared_checkpoints()
-    root = layout.checkpoint_root("rql", "task", 2)
-    assert os.fspath(root) == f"{URL}/rql/task/seed2"
+    root = layout.checkpoint_root("rql", "cube-single-play-v0", 2, 2)
+    assert os.fspath(root) == f"{URL}/rql/cube-single-play-v0/task2/seed2"
 
     def no_file_system(*args, **kwargs):
         raise AssertionError("the run's folder was looked up on the URL's file system")
 
     for name in ("exists", "glob", "iterdir", "rmtree"):  # a shared location: other fingerprints are left alone
         monkeypatch.setattr(type(root), name, no_file_system)
-    identity = {"agent": "rql", "task": "task", "seed": 2}
-    folder = training.checkpoint_dir("rql", "task", 2, identity)
-    assert os.fspath(folder) == f"{URL}/rql/task/seed2/{training.fingerprint(identity)}"
+    identity = {"agent": "rql", "dataset": "cube-single-play-v0", "task": 2, "seed": 2}
+    folder = training.checkpoint_dir("rql", "cube-single-play-v0", 2, 2, identity)
+    assert os.fspath(folder) == f"{URL}/rql/cube-single-play-v0/task2/seed2/{training.fingerprint(identity)}"
     assert folder.name == training.fingerprint(identity)  # the checkpointer's metadata
 
 
